@@ -1,0 +1,200 @@
+"""FedClient: one participant's private data and the local training it does on it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedlm.core.seeding import derive_seed
+from fedlm.data.dataset import load_text_dataset
+from fedlm.data.labels import LabelMap, label_key
+from fedlm.errors import ConfigError
+from fedlm.models.federated import get_federated_vector, set_federated_vector
+from fedlm.models.loading import load_tokenizer
+from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes
+from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
+
+
+@dataclass
+class TrainingOptions:
+    """Local training settings; defaults suit fine-tuning a BERT-sized encoder."""
+
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    max_length: int = 128
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for field_name in ("batch_size", "max_length"):
+            if not isinstance(getattr(self, field_name), int) or getattr(self, field_name) < 1:
+                raise ConfigError(f"{field_name} must be a positive integer, got {getattr(self, field_name)!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+
+
+class FedClient:
+    """A federation participant: its private dataset, a model to train, and its training options.
+
+    `dataset` is a file path (CSV, TSV, JSONL, JSON, Parquet, or a `datasets.save_to_disk` folder),
+    a `datasets.Dataset` or a list of dicts. Text and label columns are detected by name
+    (text/sentence/content..., label/category/topic...) or given. Several clients may share one
+    model object: each `fit` loads the global parameters before training, so a simulation keeps
+    one model replica however many clients it has.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        name: str | None = None,
+        **training_options: Any,
+    ) -> None:
+        unknown = set(training_options) - set(TrainingOptions.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"FedClient got unknown options {sorted(unknown)}; valid options are {sorted(TrainingOptions.__dataclass_fields__)}"
+            )
+        self.options = TrainingOptions(**training_options)
+        self.name = name or (Path(dataset).stem if isinstance(dataset, (str, Path)) else None)
+        self.data = load_text_dataset(dataset, text_column, label_column, owner=f"client {self.name or '(unnamed)'}")
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            getattr(model, "name_or_path", ""), owner=f"client {self.name or '(unnamed)'}"
+        )
+        self.label_map: LabelMap | None = None
+        self.step_callback: Callable[[int, int], None] | None = None
+        self._encoded: EncodedDataset | None = None
+        self._reference: torch.Tensor | None = None
+        self._pending: FitRes | None = None
+        self._local_train_calls = 0
+
+    def __repr__(self) -> str:
+        return f"FedClient(name={self.name!r}, examples={len(self.data)})"
+
+    # ---- labels ------------------------------------------------------------------------------
+
+    def label_values(self) -> set[str]:
+        return {label_key(value) for value in self.data.labels}
+
+    def set_label_map(self, label_map: LabelMap) -> None:
+        """Use the federation's label map (the server owns it); checks this client's labels fit."""
+        label_map.encode(self.data.labels, owner=f"client {self.name}")
+        label_map.check_fits(self.model.config.num_labels, owner=f"client {self.name}")
+        self.label_map = label_map
+        self._encoded = None
+
+    def encoded(self) -> EncodedDataset:
+        if self.label_map is None:
+            self.set_label_map(LabelMap.from_values(self.data.labels))
+        if self._encoded is None:
+            labels = self.label_map.encode(self.data.labels, owner=f"client {self.name}")
+            self._encoded = encode(self.tokenizer, self.data.texts, labels, self.options.max_length)
+        return self._encoded
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    def get_parameters(self) -> torch.Tensor:
+        return get_federated_vector(self.model)
+
+    def set_parameters(self, parameters: torch.Tensor) -> None:
+        """Load global parameters; the next update is measured from them."""
+        set_federated_vector(self.model, parameters)
+        self._reference = parameters
+
+    def mark_synced(self, parameters: torch.Tensor) -> None:
+        """Record that the (shared) model already holds `parameters`, without reloading them."""
+        self._reference = parameters
+
+    # ---- the seed API ------------------------------------------------------------------------
+
+    def local_train(self, epochs: int = 1) -> dict[str, float]:
+        """Train on this client's data for `epochs`; the update waits for `aggregate_parameters`."""
+        if self._reference is None:
+            self._reference = self.get_parameters()
+        self._local_train_calls += 1
+        seed = derive_seed(self.options.seed, self._local_train_calls, self.name)
+        metrics = self._train(epochs, seed)
+        self._pending = FitRes(self.get_parameters() - self._reference, len(self.data), metrics)
+        return metrics
+
+    def take_update(self) -> FitRes | None:
+        """The update from `local_train` since the last call, or None if the client has not trained."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    # ---- the protocol ------------------------------------------------------------------------
+
+    def fit(self, ins: FitIns) -> FitRes:
+        """Load the global parameters, train for `ins.config['epochs']`, return the delta."""
+        set_federated_vector(self.model, ins.parameters)
+        seed = derive_seed(ins.config.get("seed", self.options.seed), ins.config.get("round", 0), self.name)
+        metrics = self._train(int(ins.config.get("epochs", 1)), seed)
+        return FitRes(self.get_parameters() - ins.parameters, len(self.data), metrics)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        """Metrics of the given parameters on this client's own data."""
+        set_federated_vector(self.model, ins.parameters)
+        metrics = evaluate_model(self.model, self.encoded(), self.options.batch_size, self._pad_id(), self.options.device)
+        return EvaluateRes(len(self.data), metrics)
+
+    # ---- local training ----------------------------------------------------------------------
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _train(self, epochs: int, seed: int) -> dict[str, float]:
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"client {self.name}: epochs must be a positive integer, got {epochs!r}")
+        data, options = self.encoded(), self.options
+        model = self.model.to(options.device)
+        params = [param for param in model.parameters() if param.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=options.learning_rate,
+        )
+        steps_per_epoch = -(-len(data) // options.batch_size)
+        total_steps, step, loss_sum = epochs * steps_per_epoch, 0, torch.zeros((), device=options.device)
+        start = time.perf_counter()
+        model.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # dropout
+            generator = torch.Generator().manual_seed(seed)
+            for _ in range(epochs):
+                order = torch.randperm(len(data), generator=generator).tolist()
+                for batch in batches(data, options.batch_size, self._pad_id(), order):
+                    batch = {key: value.to(options.device) for key, value in batch.items()}
+                    loss = model(**batch).loss
+                    loss.backward()
+                    if options.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_sum += loss.detach() * len(batch["labels"])
+                    step += 1
+                    if self.step_callback is not None:
+                        self.step_callback(step, total_steps)
+        seconds = time.perf_counter() - start
+        return {
+            "loss": float(loss_sum) / (epochs * len(data)),
+            "num_examples": len(data),
+            "steps": step,
+            "seconds": seconds,
+            "samples_per_second": epochs * len(data) / seconds,
+        }

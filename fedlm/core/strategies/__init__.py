@@ -1,0 +1,22 @@
+"""Aggregation strategies, one file per family, registered by name for configs."""
+
+from __future__ import annotations
+
+from fedlm.core.strategies.base import Strategy
+from fedlm.core.strategies.fedavg import FedAvg
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(name: str, strategy_class: type[Strategy]) -> None:
+    """Make `strategy_class` selectable as `strategy: {kind: name}` in a config."""
+    if not name.isidentifier() or name != name.lower():
+        raise ValueError(f"strategy name {name!r} must be a lowercase identifier, such as 'fedavg'")
+    if name in STRATEGIES:
+        raise ValueError(f"a strategy named {name!r} is already registered ({STRATEGIES[name].__name__})")
+    STRATEGIES[name] = strategy_class
+
+
+register_strategy("fedavg", FedAvg)
+
+__all__ = ["STRATEGIES", "FedAvg", "Strategy", "register_strategy"]

@@ -1,0 +1,149 @@
+"""A client's text dataset, loaded from any of the sources users have at hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlm.errors import DatasetError
+
+TEXT_ALIASES = ("text", "sentence", "content", "document", "review", "body", "article", "utterance")
+LABEL_ALIASES = ("label", "labels", "category", "class", "target", "topic", "sentiment", "intent")
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class TextDataset:
+    """Texts and their raw labels (as found in the source), plus where they came from."""
+
+    texts: list[str]
+    labels: list[Any]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> TextDataset:
+        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.source)
+
+
+def load_text_dataset(
+    dataset: Any, text_column: str | None = None, label_column: str | None = None, owner: str = "dataset"
+) -> TextDataset:
+    """Load `dataset` (a path, a `datasets.Dataset`, a list of dicts, or a TextDataset).
+
+    `owner` names the client (or "validation set") in error messages.
+    """
+    if isinstance(dataset, TextDataset):
+        return dataset
+    if isinstance(dataset, (str, Path)):
+        source = str(dataset)
+        columns = _read_path(Path(dataset), owner)
+    elif isinstance(dataset, list):
+        source = "list of records"
+        columns = _records_to_columns(dataset, owner, source)
+    elif hasattr(dataset, "column_names") and hasattr(dataset, "to_dict"):
+        source = "datasets.Dataset"
+        columns = dataset.to_dict()
+    else:
+        raise DatasetError(
+            f"{owner}: dataset of type {type(dataset).__name__} is not supported; give a file path "
+            f"({', '.join(FILE_SUFFIXES)} or a datasets.save_to_disk folder), a datasets.Dataset, or a list of dicts"
+        )
+    text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
+    label_name = _pick_column(columns, label_column, LABEL_ALIASES, "label", owner, source)
+    texts, labels = columns[text_name], columns[label_name]
+    if len(texts) == 0:
+        raise DatasetError(f"{owner}: {source} holds no examples; every client needs at least one")
+    for row, (text, label) in enumerate(zip(texts, labels)):
+        if not isinstance(text, str) or label is None or label == "":
+            raise DatasetError(
+                f"{owner}: {source} row {row}: text must be a string and label non-empty, "
+                f"got text={text!r:.60} label={label!r}"
+            )
+    return TextDataset(list(texts), list(labels), source)
+
+
+def _read_path(path: Path, owner: str) -> dict[str, list]:
+    if not path.exists():
+        raise DatasetError(f"{owner}: dataset file {path} does not exist")
+    try:
+        if path.is_dir():
+            return _read_saved_dataset(path, owner)
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            if not rows:
+                raise DatasetError(f"{owner}: dataset file {path} holds no rows")
+            return _records_to_columns(rows, owner, str(path))
+        if suffix in (".jsonl", ".json"):
+            return _records_to_columns(_read_json_records(path), owner, str(path))
+        if suffix == ".parquet":
+            import pyarrow.parquet
+
+            return pyarrow.parquet.read_table(path).to_pydict()
+    except DatasetError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DatasetError(f"{owner}: cannot read dataset file {path}: {error}") from error
+    raise DatasetError(
+        f"{owner}: dataset file {path} has an unsupported type {path.suffix!r}; "
+        f"use one of {', '.join(FILE_SUFFIXES)} or a datasets.save_to_disk folder"
+    )
+
+
+def _read_json_records(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {number} is not valid JSON ({error.msg})") from error
+    return records
+
+
+def _read_saved_dataset(path: Path, owner: str) -> dict[str, list]:
+    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        raise DatasetError(f"{owner}: folder {path} is not a datasets.save_to_disk folder (no dataset_info.json)")
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DatasetError(f"{owner}: {path} is a DatasetDict without a 'train' split (has {list(loaded)})")
+        loaded = loaded["train"]
+    return loaded.to_dict()
+
+
+def _records_to_columns(records: list, owner: str, source: str) -> dict[str, list]:
+    if not records:
+        raise DatasetError(f"{owner}: {source} holds no examples; every client needs at least one")
+    if not all(isinstance(record, dict) for record in records):
+        raise DatasetError(f"{owner}: {source} must hold one object (dict) per example")
+    names = list(records[0])
+    return {name: [record.get(name) for record in records] for name in names}
+
+
+def _pick_column(columns: dict, given: str | None, aliases: tuple[str, ...], role: str, owner: str, source: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise DatasetError(
+                f"{owner}: {source} has no {role} column {given!r}; its columns are {sorted(columns)}"
+            )
+        return given
+    by_lower = {name.lower(): name for name in columns}
+    for alias in aliases:
+        if alias in by_lower:
+            return by_lower[alias]
+    raise DatasetError(
+        f"{owner}: {source} has no {role} column; its columns are {sorted(columns)}. "
+        f"Name one with {role}_column=..., or use one of {list(aliases)}"
+    )

@@ -1,0 +1,56 @@
+"""Loading a sequence-classification model and its tokenizer from a local folder, offline."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from fedlm.errors import ModelError
+from fedlm.models.registry import resolve_model_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(name_or_path: str, owner: str = "model"):
+    """The tokenizer saved next to the model (never downloaded)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not name_or_path:
+        raise ModelError(f"{owner}: the model has no name_or_path to load a tokenizer from; pass tokenizer=...")
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(resolve_model_path(name_or_path)))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"{owner}: cannot load a tokenizer from {name_or_path}: {error}; pass tokenizer=...") from error
+
+
+def load_classifier(name_or_path: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """A sequence classifier from a bundled name or folder; a new head is initialised from `seed`."""
+    from transformers import AutoModelForSequenceClassification
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model_path(name_or_path)
+    try:
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model {name_or_path} from {path}: {error}") from error

@@ -1,0 +1,119 @@
+"""The one small protocol between the server and its clients.
+
+The round loop only ever calls `fit` and `evaluate` on objects that follow `ClientProtocol`.
+In process, `LoopbackProxy` wraps a `FedClient` and sends every message through its wire bytes,
+so what crosses is exactly what a network transport would carry and the byte counts are measured,
+not estimated; a deployment runtime supplies proxies that send the same bytes over the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedlm import wire
+
+
+@dataclass
+class FitIns:
+    """Global parameters plus the round config (round number, local epochs, ...)."""
+
+    parameters: torch.Tensor
+    config: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        return wire.encode("fit_ins", {"parameters": self.parameters}, self.config)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FitIns:
+        tensors, meta = wire.decode(data, "fit_ins")
+        return cls(parameters=tensors["parameters"], config=meta)
+
+
+@dataclass
+class FitRes:
+    """A client's update (delta from the parameters it received), its example count and metrics."""
+
+    delta: torch.Tensor
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        meta = {"num_examples": self.num_examples, "metrics": self.metrics}
+        return wire.encode("fit_res", {"delta": self.delta}, meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FitRes:
+        tensors, meta = wire.decode(data, "fit_res")
+        return cls(delta=tensors["delta"], num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
+
+
+@dataclass
+class EvaluateIns:
+    parameters: torch.Tensor
+    config: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        return wire.encode("evaluate_ins", {"parameters": self.parameters}, self.config)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EvaluateIns:
+        tensors, meta = wire.decode(data, "evaluate_ins")
+        return cls(parameters=tensors["parameters"], config=meta)
+
+
+@dataclass
+class EvaluateRes:
+    num_examples: int
+    metrics: dict[str, float]
+
+    def to_bytes(self) -> bytes:
+        return wire.encode("evaluate_res", {}, {"num_examples": self.num_examples, "metrics": self.metrics})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EvaluateRes:
+        _, meta = wire.decode(data, "evaluate_res")
+        return cls(num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
+
+
+class ClientProtocol(Protocol):
+    """What the server needs from a client, wherever the client runs."""
+
+    name: str
+
+    def fit(self, ins: FitIns) -> FitRes: ...
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes: ...
+
+
+@dataclass
+class ByteCounter:
+    """Bytes sent down (server to client) and up (client to server) through one proxy."""
+
+    down: int = 0
+    up: int = 0
+
+
+class LoopbackProxy:
+    """An in-process transport: encodes each message to bytes and decodes it on the other side."""
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.name = client.name
+        self.bytes = ByteCounter()
+
+    def fit(self, ins: FitIns) -> FitRes:
+        payload = ins.to_bytes()
+        self.bytes.down += len(payload)
+        reply = self.client.fit(FitIns.from_bytes(payload)).to_bytes()
+        self.bytes.up += len(reply)
+        return FitRes.from_bytes(reply)
+
+    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+        payload = ins.to_bytes()
+        self.bytes.down += len(payload)
+        reply = self.client.evaluate(EvaluateIns.from_bytes(payload)).to_bytes()
+        self.bytes.up += len(reply)
+        return EvaluateRes.from_bytes(reply)

@@ -1,0 +1,277 @@
+"""FedServer: the global model, the label map, and the round loop.
+
+A round, top to bottom (`run_round`):
+  1. sample clients (seeded by run seed and round);
+  2. send each the global parameters and the round config, collect its update;
+  3. drop clients that raised or sent a malformed update, logging the name and reason;
+  4. aggregate the remaining updates with the strategy (FedAvg by default);
+  5. evaluate the new global model on the federated validation set;
+  6. record the round's metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fedlm.client import FedClient
+from fedlm.core.seeding import derive_seed
+from fedlm.core.strategies import FedAvg, Strategy
+from fedlm.core.update import ClientUpdate
+from fedlm.data.dataset import load_text_dataset
+from fedlm.data.labels import LabelMap
+from fedlm.errors import ConfigError, FedlmError, ModelError
+from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
+from fedlm.models.loading import quiet_transformers
+from fedlm.protocol import FitIns, FitRes, LoopbackProxy
+from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
+
+logger = logging.getLogger("fedlm")
+
+
+class FedServer:
+    """Holds the global federated parameters and runs rounds over `clients`.
+
+    On creation it checks that every client's model has the same federated parameters, builds
+    the federation's label map from all clients' labels, and broadcasts the first client's
+    parameters so that every client starts from the same global model.
+    """
+
+    def __init__(
+        self,
+        clients: Sequence[FedClient],
+        strategy: Strategy | None = None,
+        *,
+        seed: int = 0,
+        min_clients: int = 1,
+    ) -> None:
+        if not clients:
+            raise ConfigError("FedServer needs at least one client")
+        if min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        self.clients = list(clients)
+        self.strategy = strategy or FedAvg()
+        self.seed = seed
+        self.min_clients = min_clients
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self._name_clients()
+        self._model = self.clients[0].model
+        self._tokenizer = self.clients[0].tokenizer
+        self.spec = federated_spec(self._model)
+        self._check_models()
+        self.label_map = self._build_label_map()
+        self.global_params = get_federated_vector(self._model)
+        self._proxies = {client.name: LoopbackProxy(client) for client in self.clients}
+        self._eval_model: torch.nn.Module | None = None
+        self.broadcast_model()
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _name_clients(self) -> None:
+        for index, client in enumerate(self.clients):
+            if client.name is None:
+                client.name = f"client-{index}"
+        names = [client.name for client in self.clients]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigError(f"client names must be unique; {duplicates} appear more than once (pass name=...)")
+
+    def _check_models(self) -> None:
+        for client in self.clients[1:]:
+            if client.model is self._model:
+                continue
+            difference = self.spec.first_difference(federated_spec(client.model))
+            if difference:
+                raise ModelError(
+                    f"client {client.name}: its model's federated parameters differ from client "
+                    f"{self.clients[0].name}'s: {difference}; every client must load the same architecture"
+                )
+
+    def _build_label_map(self) -> LabelMap:
+        configured = getattr(self._model.config, "label2id", None) or {}
+        if configured and not all(key.startswith("LABEL_") for key in configured):
+            label_map = LabelMap({str(key): int(value) for key, value in configured.items()})
+        else:
+            label_map = LabelMap.from_values(value for client in self.clients for value in client.label_values())
+        for client in self.clients:
+            client.set_label_map(label_map)
+        return label_map
+
+    # ---- the seed API ------------------------------------------------------------------------
+
+    def broadcast_model(self) -> None:
+        """Load the global parameters into every client (once per distinct model object)."""
+        loaded: set[int] = set()
+        for client in self.clients:
+            if id(client.model) in loaded:
+                client.mark_synced(self.global_params)
+            else:
+                client.set_parameters(self.global_params)
+                loaded.add(id(client.model))
+
+    def aggregate_parameters(self) -> dict[str, Any]:
+        """FedAvg (or the configured strategy) over the clients that trained since the last call."""
+        updates, dropped = [], []
+        for client in self.clients:
+            result = client.take_update()
+            if result is not None:
+                self._accept(client.name, result, updates, dropped)
+        if not updates:
+            raise FedlmError("no client has a new update to aggregate; call client.local_train() first")
+        self.global_params = self.strategy.aggregate(self.global_params, updates)
+        self.round += 1
+        record = {"round": self.round, "clients": len(updates), "dropped": dropped, **_train_summary(updates)}
+        self.history.append(record)
+        return record
+
+    def get_model(self) -> torch.nn.Module:
+        """A transformers model holding the global parameters (a copy: later rounds do not change it)."""
+        return copy.deepcopy(self._global_model())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the global model, tokenizer and label map with `save_pretrained`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with quiet_transformers():
+            self._global_model().save_pretrained(path)
+            self._tokenizer.save_pretrained(path)
+        info = {"round": self.round, "label2id": self.label_map.label2id, "num_parameters": self.spec.numel}
+        (path / "fedlm.json").write_text(json.dumps(info, indent=2))
+        return path
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 of the global model on a (federated validation) dataset."""
+        encoded = dataset if isinstance(dataset, EncodedDataset) else self.encode_dataset(dataset, text_column, label_column)
+        options = self.clients[0].options
+        pad_id = self._tokenizer.pad_token_id or 0
+        return evaluate_model(self._global_model(), encoded, options.batch_size, pad_id, options.device)
+
+    def encode_dataset(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> EncodedDataset:
+        data = load_text_dataset(dataset, text_column, label_column, owner="validation set")
+        labels = self.label_map.encode(data.labels, owner=f"validation set {data.source}")
+        return encode(self._tokenizer, data.texts, labels, self.clients[0].options.max_length)
+
+    def _global_model(self) -> torch.nn.Module:
+        if self._eval_model is None:
+            self._eval_model = copy.deepcopy(self._model)
+            self._eval_model.config.id2label = dict(self.label_map.id2label)
+            self._eval_model.config.label2id = dict(self.label_map.label2id)
+        set_federated_vector(self._eval_model, self.global_params)
+        return self._eval_model
+
+    # ---- the round loop ----------------------------------------------------------------------
+
+    def fit(
+        self,
+        rounds: int,
+        local_epochs: int = 1,
+        clients_per_round: int | None = None,
+        validation: Any = None,
+        on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run `rounds` rounds; returns one metrics dict per round (also kept in `history`)."""
+        if rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {rounds}")
+        encoded = self.encode_dataset(validation) if validation is not None and not isinstance(validation, EncodedDataset) else validation
+        records = []
+        for _ in range(rounds):
+            record = self.run_round(local_epochs, clients_per_round, encoded)
+            records.append(record)
+            if on_round_end is not None:
+                on_round_end(record)
+        return records
+
+    def sample_clients(self, round_number: int, clients_per_round: int | None) -> list[FedClient]:
+        if clients_per_round is None or clients_per_round >= len(self.clients):
+            return list(self.clients)
+        if clients_per_round < 1:
+            raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "sample", round_number))
+        chosen = torch.randperm(len(self.clients), generator=generator)[:clients_per_round]
+        return [self.clients[index] for index in sorted(chosen.tolist())]
+
+    def run_round(self, local_epochs: int = 1, clients_per_round: int | None = None, validation: EncodedDataset | None = None) -> dict[str, Any]:
+        round_number = self.round + 1
+        start = time.perf_counter()
+        sampled = self.sample_clients(round_number, clients_per_round)
+        ins = FitIns(self.global_params, {"round": round_number, "epochs": local_epochs, "seed": self.seed})
+        bytes_before = self._bytes_moved()
+        updates: list[ClientUpdate] = []
+        dropped: list[dict[str, str]] = []
+        for client in sampled:
+            try:
+                result = self._proxies[client.name].fit(ins)
+            except Exception as error:  # a failing client must not end the run
+                logger.warning("round %d: client %s dropped: %s: %s", round_number, client.name, type(error).__name__, error)
+                dropped.append({"client": client.name, "reason": f"{type(error).__name__}: {error}"})
+                continue
+            self._accept(client.name, result, updates, dropped)
+        bytes_after = self._bytes_moved()
+        record: dict[str, Any] = {
+            "round": round_number,
+            "clients": len(updates),
+            "dropped": dropped,
+            "bytes_down": bytes_after[0] - bytes_before[0],
+            "bytes_up": bytes_after[1] - bytes_before[1],
+        }
+        if len(updates) >= self.min_clients:
+            self.global_params = self.strategy.aggregate(self.global_params, updates)
+            record.update(_train_summary(updates))
+        else:
+            logger.warning(
+                "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",
+                round_number, len(updates), self.min_clients,
+            )
+            record["skipped"] = True
+        self.round = round_number
+        eval_seconds = 0.0
+        if validation is not None:
+            eval_start = time.perf_counter()
+            record.update({f"val_{key}": value for key, value in self.evaluate(validation).items()})
+            eval_seconds = time.perf_counter() - eval_start
+        record["seconds"] = time.perf_counter() - start
+        record["eval_seconds"] = eval_seconds
+        record["overhead_seconds"] = record["seconds"] - eval_seconds - record.get("train_seconds", 0.0)
+        self.history.append(record)
+        return record
+
+    def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:
+        problem = self._update_problem(result)
+        if problem:
+            logger.warning("round %d: client %s dropped: %s", self.round + 1, name, problem)
+            dropped.append({"client": name, "reason": problem})
+        else:
+            updates.append(ClientUpdate(result.delta, result.num_examples, result.metrics))
+
+    def _update_problem(self, result: FitRes) -> str | None:
+        delta = result.delta
+        if delta.dtype != torch.float32 or delta.dim() != 1 or delta.numel() != self.spec.numel:
+            return f"update has dtype {delta.dtype} and shape {list(delta.shape)}, expected float32 [{self.spec.numel}]"
+        if not torch.isfinite(delta).all():
+            return "update contains NaN or infinite values"
+        if result.num_examples < 1:
+            return f"update reports {result.num_examples} training examples, expected >= 1"
+        return None
+
+    def _bytes_moved(self) -> tuple[int, int]:
+        return (sum(p.bytes.down for p in self._proxies.values()), sum(p.bytes.up for p in self._proxies.values()))
+
+
+def _train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
+    total = sum(update.num_examples for update in updates)
+    losses = [(update.metrics.get("loss", math.nan), update.num_examples) for update in updates]
+    return {
+        "train_loss": sum(loss * n for loss, n in losses) / total,
+        "train_examples": total,
+        "train_seconds": sum(update.metrics.get("seconds", 0.0) for update in updates),
+    }

@@ -1,0 +1,1 @@
+"""Tasks: how to tokenize, batch, compute the loss and the metrics."""

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random-init BERT and tokenizer built offline, and synthetic topic data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOPIC_WORDS = {
+    "business": "market shares company bank profit sales growth prices economy".split(),
+    "sport": "game match team player win season coach goal cup".split(),
+    "tech": "software computer phone internet users technology data network digital".split(),
+}
+FILLER = "the a of to in and is was for on with as by at from it this that said new one year people time".split()
+
+
+def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[dict]:
+    """`num` short texts; each mixes filler words with three words of its topic."""
+    rng = random.Random(seed)
+    labels = labels or sorted(TOPIC_WORDS)
+    records = []
+    for _ in range(num):
+        label = rng.choice(labels)
+        words = rng.sample(FILLER, 6) + rng.sample(TOPIC_WORDS[label], 3)
+        rng.shuffle(words)
+        records.append({"text": " ".join(words), "label": label})
+    return records
+
+
+def build_tiny_model_folder(folder: Path, num_labels: int = 3, hidden_size: int = 32) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    tokenizer = BertTokenizer(vocab=str(FIXTURES / "vocab.txt"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A folder holding a tiny random-init BERT (3 labels) and its tokenizer, like a pretrained model."""
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def load_tiny(tiny_model_dir):
+    """Load the tiny model with `num_labels` (a fresh, seeded head)."""
+    from fedlm.models import load_classifier
+
+    def load(num_labels: int = 3, seed: int = 0):
+        return load_classifier(str(tiny_model_dir), num_labels=num_labels, seed=seed)
+
+    return load
