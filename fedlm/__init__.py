@@ -1,23 +1,33 @@
-"""fedlm: federated fine-tuning and federated distillation of pretrained language models."""
+"""fedlm: federated fine-tuning and federated distillation of pretrained language models.
 
-from fedlm.client import FedClient, TrainingOptions
-from fedlm.core.strategies import FedAvg, Strategy
-from fedlm.errors import ClientError, ConfigError, DatasetError, FedlmError, ModelError, WireError
-from fedlm.server import FedServer
+Names are imported on first use, so `import fedlm.core` stays free of transformers and I/O libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ClientError",
-    "ConfigError",
-    "DatasetError",
-    "FedAvg",
-    "FedClient",
-    "FedServer",
-    "FedlmError",
-    "ModelError",
-    "Strategy",
-    "TrainingOptions",
-    "WireError",
-    "__version__",
-]
+_EXPORTS = {
+    "FedClient": "fedlm.client",
+    "TrainingOptions": "fedlm.client",
+    "FedServer": "fedlm.server",
+    "FedAvg": "fedlm.core.strategies",
+    "Strategy": "fedlm.core.strategies",
+    "ClientError": "fedlm.errors",
+    "ConfigError": "fedlm.errors",
+    "DatasetError": "fedlm.errors",
+    "FedlmError": "fedlm.errors",
+    "ModelError": "fedlm.errors",
+    "WireError": "fedlm.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedlm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -14,7 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedlm.config import RunConfig, load_config, parse_config
 from fedlm.errors import FedlmError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models."
+)
 console = Console()
 
 # The demo: the bundled all-MiniLM-L6-v2 on BBC News, 5 IID clients, 3 rounds. 1,000 articles
@@ -53,17 +55,27 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
 def _run(config: RunConfig) -> None:
     from fedlm.runtime.local import build_simulation, run_simulation
 
-    logging.basicConfig(level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)], format="%(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)], format="%(message)s"
+    )
     rounds = config.federation.rounds
-    console.print(f"[bold]fedlm[/] model [cyan]{config.model.name}[/], dataset [cyan]{config.data.dataset}[/], "
-                  f"{config.federation.num_clients} clients, {rounds} rounds -> {config.output_dir}")
+    console.print(
+        f"[bold]fedlm[/] model [cyan]{config.model.name}[/], dataset [cyan]{config.data.dataset}[/], "
+        f"{config.federation.num_clients} clients, {rounds} rounds -> {config.output_dir}"
+    )
     with console.status("loading data and model"):
         simulation = build_simulation(config)
     sizes = [len(client.data) for client in simulation.server.clients]
-    console.print(f"{len(sizes)} clients hold {sum(sizes)} training examples ({min(sizes)}-{max(sizes)} each); "
-                  f"{len(simulation.validation or [])} validation examples; {simulation.server.spec.numel:,} federated parameters")
+    console.print(
+        f"{len(sizes)} clients hold {sum(sizes)} training examples ({min(sizes)}-{max(sizes)} each); "
+        f"{len(simulation.validation or [])} validation examples; {simulation.server.spec.numel:,} federated parameters"
+    )
     progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     )
     with progress:
@@ -89,7 +101,9 @@ def _run(config: RunConfig) -> None:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
     total_up = sum(record["bytes_up"] for record in history)
     total_down = sum(record["bytes_down"] for record in history)
-    console.print(f"sent up {_megabytes(total_up)}, down {_megabytes(total_down)}; model saved to {Path(config.output_dir) / 'model'}")
+    console.print(
+        f"sent up {_megabytes(total_up)}, down {_megabytes(total_down)}; model saved to {Path(config.output_dir) / 'model'}"
+    )
 
 
 def _fail(error: FedlmError) -> None:
@@ -100,7 +114,7 @@ def _fail(error: FedlmError) -> None:
 @app.command()
 def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="the run config (YAML)"),
-    output_dir: Optional[Path] = typer.Option(None, help="overrides output_dir in the config"),
+    output_dir: Path | None = typer.Option(None, help="overrides output_dir in the config"),
 ) -> None:
     """Run a federated fine-tuning simulation described by CONFIG."""
     try:
@@ -120,8 +134,14 @@ def demo(
 ) -> None:
     """Federated fine-tuning of all-MiniLM-L6-v2 on BBC News topics with 5 simulated clients."""
     try:
-        config = parse_config({**DEMO_CONFIG, "output_dir": str(output_dir),
-                               "federation": {**DEMO_CONFIG["federation"], "rounds": rounds}}, source="demo")
+        config = parse_config(
+            {
+                **DEMO_CONFIG,
+                "output_dir": str(output_dir),
+                "federation": {**DEMO_CONFIG["federation"], "rounds": rounds},
+            },
+            source="demo",
+        )
         if print_config:
             console.print(config.to_yaml(), end="", markup=False, highlight=False)
             return

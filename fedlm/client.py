@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -72,8 +73,10 @@ class FedClient:
         self.name = name or (Path(dataset).stem if isinstance(dataset, (str, Path)) else None)
         self.data = load_text_dataset(dataset, text_column, label_column, owner=f"client {self.name or '(unnamed)'}")
         self.model = model
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
-            getattr(model, "name_or_path", ""), owner=f"client {self.name or '(unnamed)'}"
+        self.tokenizer = (
+            tokenizer
+            if tokenizer is not None
+            else load_tokenizer(getattr(model, "name_or_path", ""), owner=f"client {self.name or '(unnamed)'}")
         )
         self.label_map: LabelMap | None = None
         self.step_callback: Callable[[int, int], None] | None = None
@@ -148,7 +151,9 @@ class FedClient:
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's own data."""
         set_federated_vector(self.model, ins.parameters)
-        metrics = evaluate_model(self.model, self.encoded(), self.options.batch_size, self._pad_id(), self.options.device)
+        metrics = evaluate_model(
+            self.model, self.encoded(), self.options.batch_size, self._pad_id(), self.options.device
+        )
         return EvaluateRes(len(self.data), metrics)
 
     # ---- local training ----------------------------------------------------------------------

@@ -22,10 +22,14 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: str = Field("bbc-news", description="a bundled dataset name (bbc-news) or a CSV/JSONL/Parquet file or saved folder")
+    dataset: str = Field(
+        "bbc-news", description="a bundled dataset name (bbc-news) or a CSV/JSONL/Parquet file or saved folder"
+    )
     text_column: str | None = Field(None, description="the text column; detected by name when omitted")
     label_column: str | None = Field(None, description="the label column; detected by name when omitted")
-    validation_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share held out as the federated validation set")
+    validation_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share held out as the federated validation set"
+    )
     max_examples: int | None = Field(None, ge=2, description="use a seeded random subset of this many examples")
     partition: Literal["iid"] = Field("iid", description="how the training part is split into clients")
 
@@ -60,7 +64,9 @@ class TrainingConfig(Section):
 
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
-    seed: int = Field(0, description="derives every random choice: split, partition, head init, sampling, shuffling, dropout")
+    seed: int = Field(
+        0, description="derives every random choice: split, partition, head init, sampling, shuffling, dropout"
+    )
     output_dir: Path = Field(Path("runs/latest"), description="where metrics.jsonl, config.yaml and model/ go")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -16,8 +16,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -149,14 +150,20 @@ class FedServer:
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> dict[str, float]:
+    def evaluate(
+        self, dataset: Any, text_column: str | None = None, label_column: str | None = None
+    ) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of the global model on a (federated validation) dataset."""
-        encoded = dataset if isinstance(dataset, EncodedDataset) else self.encode_dataset(dataset, text_column, label_column)
+        encoded = (
+            dataset if isinstance(dataset, EncodedDataset) else self.encode_dataset(dataset, text_column, label_column)
+        )
         options = self.clients[0].options
         pad_id = self._tokenizer.pad_token_id or 0
         return evaluate_model(self._global_model(), encoded, options.batch_size, pad_id, options.device)
 
-    def encode_dataset(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> EncodedDataset:
+    def encode_dataset(
+        self, dataset: Any, text_column: str | None = None, label_column: str | None = None
+    ) -> EncodedDataset:
         data = load_text_dataset(dataset, text_column, label_column, owner="validation set")
         labels = self.label_map.encode(data.labels, owner=f"validation set {data.source}")
         return encode(self._tokenizer, data.texts, labels, self.clients[0].options.max_length)
@@ -182,7 +189,11 @@ class FedServer:
         """Run `rounds` rounds; returns one metrics dict per round (also kept in `history`)."""
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
-        encoded = self.encode_dataset(validation) if validation is not None and not isinstance(validation, EncodedDataset) else validation
+        encoded = (
+            self.encode_dataset(validation)
+            if validation is not None and not isinstance(validation, EncodedDataset)
+            else validation
+        )
         records = []
         for _ in range(rounds):
             record = self.run_round(local_epochs, clients_per_round, encoded)
@@ -200,7 +211,9 @@ class FedServer:
         chosen = torch.randperm(len(self.clients), generator=generator)[:clients_per_round]
         return [self.clients[index] for index in sorted(chosen.tolist())]
 
-    def run_round(self, local_epochs: int = 1, clients_per_round: int | None = None, validation: EncodedDataset | None = None) -> dict[str, Any]:
+    def run_round(
+        self, local_epochs: int = 1, clients_per_round: int | None = None, validation: EncodedDataset | None = None
+    ) -> dict[str, Any]:
         round_number = self.round + 1
         start = time.perf_counter()
         sampled = self.sample_clients(round_number, clients_per_round)
@@ -212,7 +225,9 @@ class FedServer:
             try:
                 result = self._proxies[client.name].fit(ins)
             except Exception as error:  # a failing client must not end the run
-                logger.warning("round %d: client %s dropped: %s: %s", round_number, client.name, type(error).__name__, error)
+                logger.warning(
+                    "round %d: client %s dropped: %s: %s", round_number, client.name, type(error).__name__, error
+                )
                 dropped.append({"client": client.name, "reason": f"{type(error).__name__}: {error}"})
                 continue
             self._accept(client.name, result, updates, dropped)
@@ -230,7 +245,9 @@ class FedServer:
         else:
             logger.warning(
                 "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",
-                round_number, len(updates), self.min_clients,
+                round_number,
+                len(updates),
+                self.min_clients,
             )
             record["skipped"] = True
         self.round = round_number

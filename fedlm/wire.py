@@ -36,7 +36,9 @@ def decode(data: bytes, expected_kind: str) -> tuple[dict[str, torch.Tensor], di
     except (SafetensorError, ValueError, KeyError, TypeError) as error:
         raise WireError(f"received bytes are not a fedlm message: {error}") from error
     if header.get("version") != FORMAT_VERSION:
-        raise WireError(f"message format version {header.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+        raise WireError(
+            f"message format version {header.get('version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
     if header.get("kind") != expected_kind:
         raise WireError(f"expected a {expected_kind!r} message, received {header.get('kind')!r}")
     return tensors, header["meta"]

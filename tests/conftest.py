@@ -30,8 +30,8 @@ def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[d
     return records
 
 
-def build_tiny_model_folder(folder: Path, num_labels: int = 3, hidden_size: int = 32) -> Path:
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+def build_tiny_model_folder(folder: Path, hidden_size: int = 32) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     tokenizer = BertTokenizer(vocab=str(FIXTURES / "vocab.txt"))
     config = BertConfig(
@@ -41,17 +41,16 @@ def build_tiny_model_folder(folder: Path, num_labels: int = 3, hidden_size: int 
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         max_position_embeddings=64,
-        num_labels=num_labels,
     )
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    BertModel(config).save_pretrained(folder)  # an encoder without a head, like a pretrained checkpoint
     tokenizer.save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A folder holding a tiny random-init BERT (3 labels) and its tokenizer, like a pretrained model."""
+    """A folder holding a tiny random-init BERT encoder and its tokenizer, like a pretrained model."""
     return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-bert"))
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedlm.data.dataset import TextDataset
 from fedlm.errors import DatasetError
@@ -57,6 +57,8 @@ BUNDLED_DATASETS: dict[str, BundledDataset] = {
 
 def load_bundled_dataset(name: str) -> TextDataset:
     if name not in BUNDLED_DATASETS:
-        raise DatasetError(f"unknown dataset name {name!r}; bundled datasets are {sorted(BUNDLED_DATASETS)}, or give a file path")
+        raise DatasetError(
+            f"unknown dataset name {name!r}; bundled datasets are {sorted(BUNDLED_DATASETS)}, or give a file path"
+        )
     entry = BUNDLED_DATASETS[name]
     return entry.load(package_folder(entry.package, entry.pip_name, f"dataset {name!r}"))

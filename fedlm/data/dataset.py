@@ -135,9 +135,7 @@ def _records_to_columns(records: list, owner: str, source: str) -> dict[str, lis
 def _pick_column(columns: dict, given: str | None, aliases: tuple[str, ...], role: str, owner: str, source: str) -> str:
     if given is not None:
         if given not in columns:
-            raise DatasetError(
-                f"{owner}: {source} has no {role} column {given!r}; its columns are {sorted(columns)}"
-            )
+            raise DatasetError(f"{owner}: {source} has no {role} column {given!r}; its columns are {sorted(columns)}")
         return given
     by_lower = {name.lower(): name for name in columns}
     for alias in aliases:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -39,7 +39,9 @@ def load_tokenizer(name_or_path: str, owner: str = "model"):
         with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(resolve_model_path(name_or_path)))
     except (OSError, ValueError) as error:
-        raise ModelError(f"{owner}: cannot load a tokenizer from {name_or_path}: {error}; pass tokenizer=...") from error
+        raise ModelError(
+            f"{owner}: cannot load a tokenizer from {name_or_path}: {error}; pass tokenizer=..."
+        ) from error
 
 
 def load_classifier(name_or_path: str, num_labels: int, seed: int) -> torch.nn.Module:

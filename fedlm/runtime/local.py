@@ -8,9 +8,10 @@ with the number of clients. `run_simulation` drives the rounds and writes the ru
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -18,7 +19,15 @@ from fedlm.client import FedClient
 from fedlm.config import RunConfig
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES
-from fedlm.data import BUNDLED_DATASETS, IidPartitioner, LabelMap, TextDataset, holdout_split, load_bundled_dataset, load_text_dataset
+from fedlm.data import (
+    BUNDLED_DATASETS,
+    IidPartitioner,
+    LabelMap,
+    TextDataset,
+    holdout_split,
+    load_bundled_dataset,
+    load_text_dataset,
+)
 from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.server import FedServer
@@ -37,7 +46,9 @@ def load_run_dataset(config: RunConfig) -> TextDataset:
     if data_config.dataset in BUNDLED_DATASETS:
         data = load_bundled_dataset(data_config.dataset)
     else:
-        data = load_text_dataset(data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset")
+        data = load_text_dataset(
+            data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset"
+        )
     if data_config.max_examples is not None and data_config.max_examples < len(data):
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "subset"))
         data = data.subset(sorted(torch.randperm(len(data), generator=generator)[: data_config.max_examples].tolist()))
@@ -48,11 +59,15 @@ def build_simulation(config: RunConfig) -> Simulation:
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     data = load_run_dataset(config)
-    train_indices, validation_indices = holdout_split(len(data), config.data.validation_fraction, derive_seed(config.seed, "validation"))
+    train_indices, validation_indices = holdout_split(
+        len(data), config.data.validation_fraction, derive_seed(config.seed, "validation")
+    )
     train = data.subset(train_indices)
     num_clients = config.federation.num_clients
     if len(train) < num_clients:
-        raise ConfigError(f"federation.num_clients: {num_clients} clients need at least as many training examples, have {len(train)}")
+        raise ConfigError(
+            f"federation.num_clients: {num_clients} clients need at least as many training examples, have {len(train)}"
+        )
     parts = IidPartitioner(num_clients, seed=derive_seed(config.seed, "partition")).partition(len(train))
 
     label_map = LabelMap.from_values(data.labels)
@@ -79,7 +94,9 @@ def build_simulation(config: RunConfig) -> Simulation:
     return Simulation(config, server, validation)
 
 
-def run_simulation(simulation: Simulation, on_round_end: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+def run_simulation(
+    simulation: Simulation, on_round_end: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
     """Run the configured rounds; writes config.yaml, metrics.jsonl (round 0 = before training) and model/."""
     config, server = simulation.config, simulation.server
     output = Path(config.output_dir)

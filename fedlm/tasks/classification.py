@@ -55,7 +55,9 @@ def classification_metrics(predictions: list[int], labels: list[int]) -> dict[st
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, data: EncodedDataset, batch_size: int, pad_id: int, device: str = "cpu") -> dict[str, float]:
+def evaluate_model(
+    model: torch.nn.Module, data: EncodedDataset, batch_size: int, pad_id: int, device: str = "cpu"
+) -> dict[str, float]:
     """Mean cross-entropy loss, accuracy and macro-F1 of `model` on `data`."""
     was_training = model.training
     model.eval()

@@ -1,0 +1,54 @@
+"""The command line, run as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from conftest import make_records
+
+
+def fedlm(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "fedlm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join(json.dumps({"content": r["text"], "category": r["label"]}) for r in make_records(200, 5)))
+    config = {
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"dataset": str(data)},
+        "federation": {"num_clients": 3, "rounds": 2},
+        "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
+        "output_dir": "ignored",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    result = fedlm("run", "run.yaml", "--output-dir", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 2/2" in result.stdout and "val acc" in result.stdout and "up " in result.stdout
+    assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_bad_config_exits_2_and_names_the_field(tmp_path):
+    (tmp_path / "run.yaml").write_text("federation: {rounds: -1}\n")
+    result = fedlm("run", "run.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "federation.rounds" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_missing_dataset_exits_2_and_names_the_file(tmp_path, tiny_model_dir):
+    (tmp_path / "run.yaml").write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{dataset: nowhere.csv}}\n")
+    result = fedlm("run", "run.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "nowhere.csv does not exist" in result.stdout
+
+
+def test_demo_config_is_valid_and_printable(tmp_path):
+    result = fedlm("demo", "--print-config", "--rounds", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["name"] == "minilm" and printed["data"]["dataset"] == "bbc-news"
+    assert printed["federation"]["rounds"] == 2

@@ -1,0 +1,71 @@
+"""`fedlm run`'s simulation: data-only clients on one model replica, determinism, the run folder."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import make_records
+from fedlm.config import parse_config
+from fedlm.errors import ConfigError
+from fedlm.runtime import build_simulation, run_simulation
+
+
+@pytest.fixture
+def config_data(tmp_path, tiny_model_dir):
+    path = tmp_path / "topics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_records(400, seed=0))
+    return {
+        "seed": 3,
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"dataset": str(path), "validation_fraction": 0.25},
+        "federation": {"num_clients": 4, "clients_per_round": 3, "rounds": 3},
+        "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
+    }
+
+
+def test_clients_are_data_sharing_one_model(config_data):
+    simulation = build_simulation(parse_config(config_data))
+    clients = simulation.server.clients
+    assert len(clients) == 4 and all(client.model is clients[0].model for client in clients)
+    assert sum(len(client.data) for client in clients) == 300 and len(simulation.validation) == 100
+    assert all(client._reference is simulation.server.global_params for client in clients)
+
+
+def test_same_config_gives_bit_identical_models_and_another_seed_does_not(config_data):
+    def final_params(data):
+        simulation = build_simulation(parse_config(data))
+        simulation.server.fit(rounds=2, local_epochs=1, clients_per_round=3)
+        return simulation.server.global_params
+
+    first = final_params(config_data)
+    assert torch.equal(first, final_params(config_data))
+    assert not torch.equal(first, final_params({**config_data, "seed": 4}))
+
+
+def test_run_writes_metrics_config_and_a_reloadable_model(config_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    config = parse_config(config_data)
+    history = run_simulation(build_simulation(config))
+    output = tmp_path / "run"
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [0, 1, 2, 3]
+    assert lines[1:] == json.loads(json.dumps(history))
+    assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"] + 0.3
+    assert all(line["clients"] == 3 and line["bytes_up"] > 0 and line["bytes_down"] > 0 for line in lines[1:])
+    assert parse_config(__import__("yaml").safe_load((output / "config.yaml").read_text())) == config
+    model = AutoModelForSequenceClassification.from_pretrained(output / "model")
+    assert model.config.id2label == {0: "business", 1: "sport", 2: "tech"}
+
+
+def test_more_clients_than_examples_is_a_config_error(config_data):
+    config_data["data"]["max_examples"] = 10
+    config_data["federation"] = {"num_clients": 9, "rounds": 1}
+    with pytest.raises(ConfigError, match="federation.num_clients: 9 clients need at least as many training examples"):
+        build_simulation(parse_config(config_data))

@@ -1,0 +1,47 @@
+import pytest
+
+from fedlm.config import load_config, parse_config
+from fedlm.errors import ConfigError
+
+
+def test_defaults_and_a_full_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "seed: 7\noutput_dir: out\nmodel: {name: minilm}\ndata: {dataset: data.csv, max_examples: 100}\n"
+        "federation: {num_clients: 4, clients_per_round: 2, rounds: 5}\ntraining: {learning_rate: 0.001}\n"
+    )
+    config = load_config(path)
+    assert config.seed == 7 and config.federation.clients_per_round == 2 and config.training.learning_rate == 0.001
+    assert config.training.batch_size == 16 and config.strategy.kind == "fedavg"
+    assert parse_config(config.model_dump(mode="json")) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"federation": {"rounds": 0}}, "federation.rounds: Input should be greater than or equal to 1"),
+        (
+            {"federation": {"num_clients": 2, "clients_per_round": 3}},
+            "clients_per_round \\(3\\) exceeds num_clients \\(2\\)",
+        ),
+        ({"training": {"learning_rate": "fast"}}, "training.learning_rate: Input should be a valid number"),
+        ({"training": {"lr": 0.1}}, "training.lr: Extra inputs are not permitted"),
+        ({"data": {"partition": "zipf"}}, "data.partition: Input should be 'iid'"),
+        ({"strategy": {"kind": "fedsgd"}}, "strategy.kind: Input should be 'fedavg'"),
+        ({"version": 9}, "config version 9 is newer"),
+    ],
+)
+def test_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_unreadable_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*missing.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
