@@ -18,13 +18,20 @@ from fedlm import wire
 
 @dataclass
 class FitIns:
-    """Global parameters plus the round config (round number, local epochs, ...)."""
+    """Global parameters plus the round config (round number, local epochs, ...).
+
+    One instance goes to every client sampled in a round, so its bytes are encoded once and
+    reused; treat it as read-only once sent.
+    """
 
     parameters: torch.Tensor
     config: dict[str, Any]
+    _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_bytes(self) -> bytes:
-        return wire.encode("fit_ins", {"parameters": self.parameters}, self.config)
+        if self._payload is None:
+            self._payload = wire.encode("fit_ins", {"parameters": self.parameters}, self.config)
+        return self._payload
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FitIns:

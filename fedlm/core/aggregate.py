@@ -14,7 +14,7 @@ def weighted_mean_delta(updates: list[ClientUpdate]) -> torch.Tensor:
     total = sum(update.num_examples for update in updates)
     if total <= 0:
         raise ValueError("the updates hold no training examples (sum of num_examples is 0)")
-    mean = torch.zeros_like(updates[0].delta, dtype=torch.float64)
+    mean = torch.zeros_like(updates[0].delta)
     for update in updates:
-        mean.add_(update.delta.to(torch.float64), alpha=update.num_examples / total)
-    return mean.to(torch.float32)
+        mean.add_(update.delta, alpha=update.num_examples / total)
+    return mean

@@ -13,12 +13,15 @@ def federated_spec(model: torch.nn.Module) -> ParamSpec:
 
 
 def get_federated_vector(model: torch.nn.Module) -> torch.Tensor:
-    return flatten([param for param in model.parameters() if param.requires_grad])
+    return flatten(_trainable(model))
 
 
 @torch.no_grad()
 def set_federated_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    params = [param for param in model.parameters() if param.requires_grad]
-    spec = ParamSpec(tuple(str(i) for i in range(len(params))), tuple(tuple(p.shape) for p in params))
-    for param, value in zip(params, unflatten(vector, spec)):
+    """Copy `vector` into the trainable parameters (the model never aliases `vector`)."""
+    for param, value in zip(_trainable(model), unflatten(vector, federated_spec(model)), strict=True):
         param.copy_(value)
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for param in model.parameters() if param.requires_grad]

