@@ -24,8 +24,8 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fedlm tests benchmarks
-	$(VENV)/bin/ruff format --check fedlm tests benchmarks
+	$(VENV)/bin/ruff check fedlm tests benchmarks examples
+	$(VENV)/bin/ruff format --check fedlm tests benchmarks examples
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/local_training.py
