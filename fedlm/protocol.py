@@ -9,7 +9,7 @@ not estimated; a deployment runtime supplies proxies that send the same bytes ov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
@@ -17,26 +17,39 @@ from fedlm import wire
 
 
 @dataclass
-class FitIns:
-    """Global parameters plus the round config (round number, local epochs, ...).
+class _Instructions:
+    """Global parameters plus a config (round number, local epochs, ...), sent by the server.
 
     One instance goes to every client sampled in a round, so its bytes are encoded once and
     reused; treat it as read-only once sent.
     """
 
+    KIND: ClassVar[str]
     parameters: torch.Tensor
     config: dict[str, Any]
     _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_bytes(self) -> bytes:
         if self._payload is None:
-            self._payload = wire.encode("fit_ins", {"parameters": self.parameters}, self.config)
+            self._payload = wire.encode(self.KIND, {"parameters": self.parameters}, self.config)
         return self._payload
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> FitIns:
-        tensors, meta = wire.decode(data, "fit_ins")
+    def from_bytes(cls, data: bytes) -> Self:
+        tensors, meta = wire.decode(data, cls.KIND)
         return cls(parameters=tensors["parameters"], config=meta)
+
+
+class FitIns(_Instructions):
+    """Train from these parameters with this config."""
+
+    KIND = "fit_ins"
+
+
+class EvaluateIns(_Instructions):
+    """Evaluate these parameters on local data."""
+
+    KIND = "evaluate_ins"
 
 
 @dataclass
@@ -55,20 +68,6 @@ class FitRes:
     def from_bytes(cls, data: bytes) -> FitRes:
         tensors, meta = wire.decode(data, "fit_res")
         return cls(delta=tensors["delta"], num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
-
-
-@dataclass
-class EvaluateIns:
-    parameters: torch.Tensor
-    config: dict[str, Any]
-
-    def to_bytes(self) -> bytes:
-        return wire.encode("evaluate_ins", {"parameters": self.parameters}, self.config)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> EvaluateIns:
-        tensors, meta = wire.decode(data, "evaluate_ins")
-        return cls(parameters=tensors["parameters"], config=meta)
 
 
 @dataclass

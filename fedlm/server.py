@@ -154,9 +154,7 @@ class FedServer:
         self, dataset: Any, text_column: str | None = None, label_column: str | None = None
     ) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of the global model on a (federated validation) dataset."""
-        encoded = (
-            dataset if isinstance(dataset, EncodedDataset) else self.encode_dataset(dataset, text_column, label_column)
-        )
+        encoded = self.encode_dataset(dataset, text_column, label_column)
         options = self.clients[0].options
         pad_id = self._tokenizer.pad_token_id or 0
         return evaluate_model(self._global_model(), encoded, options.batch_size, pad_id, options.device)
@@ -164,6 +162,9 @@ class FedServer:
     def encode_dataset(
         self, dataset: Any, text_column: str | None = None, label_column: str | None = None
     ) -> EncodedDataset:
+        """Tokenize a dataset with the federation's tokenizer and label map (encoded ones pass through)."""
+        if isinstance(dataset, EncodedDataset):
+            return dataset
         data = load_text_dataset(dataset, text_column, label_column, owner="validation set")
         labels = self.label_map.encode(data.labels, owner=f"validation set {data.source}")
         return encode(self._tokenizer, data.texts, labels, self.clients[0].options.max_length)
@@ -189,11 +190,7 @@ class FedServer:
         """Run `rounds` rounds; returns one metrics dict per round (also kept in `history`)."""
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
-        encoded = (
-            self.encode_dataset(validation)
-            if validation is not None and not isinstance(validation, EncodedDataset)
-            else validation
-        )
+        encoded = None if validation is None else self.encode_dataset(validation)
         records = []
         for _ in range(rounds):
             record = self.run_round(local_epochs, clients_per_round, encoded)

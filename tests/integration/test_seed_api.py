@@ -131,3 +131,13 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path, load_tiny):
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
     assert reloaded.config.label2id == {"business": 0, "sport": 1, "tech": 2}
     assert json.loads((tmp_path / "model" / "fedlm.json").read_text())["round"] == 1
+
+
+def test_label_names_already_in_the_model_config_are_kept(load_tiny):
+    model = load_tiny()
+    model.config.label2id = {"tech": 0, "sport": 1, "business": 2}
+    model.config.id2label = {0: "tech", 1: "sport", 2: "business"}
+    client = FedClient(make_records(30, seed=1), model, name="a")
+    server = FedServer([client])
+    assert server.label_map.label2id == {"tech": 0, "sport": 1, "business": 2}
+    assert client.encoded().labels == [{"tech": 0, "sport": 1, "business": 2}[r] for r in client.data.labels]

@@ -1,0 +1,5 @@
+"""`python -m fedlm` is the `fedlm` command."""
+
+from fedlm.cli import app
+
+app()
