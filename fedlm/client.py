@@ -51,7 +51,8 @@ class FedClient:
     a `datasets.Dataset` or a list of dicts. Text and label columns are detected by name
     (text/sentence/content..., label/category/topic...) or given. Several clients may share one
     model object: each `fit` loads the global parameters before training, so a simulation keeps
-    one model replica however many clients it has.
+    one model replica however many clients it has. `test_dataset` (same kinds as `dataset`) is the
+    client's own test split, on which `evaluate` reports the global model's metrics.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class FedClient:
         text_column: str | None = None,
         label_column: str | None = None,
         name: str | None = None,
+        test_dataset: Any = None,
         **training_options: Any,
     ) -> None:
         unknown = set(training_options) - set(TrainingOptions.__dataclass_fields__)
@@ -71,7 +73,13 @@ class FedClient:
             )
         self.options = TrainingOptions(**training_options)
         self.name = name or (Path(dataset).stem if isinstance(dataset, (str, Path)) else None)
-        self.data = load_text_dataset(dataset, text_column, label_column, owner=f"client {self.name or '(unnamed)'}")
+        owner = f"client {self.name or '(unnamed)'}"
+        self.data = load_text_dataset(dataset, text_column, label_column, owner=owner)
+        self.test_data = (
+            None
+            if test_dataset is None
+            else load_text_dataset(test_dataset, text_column, label_column, owner=f"{owner} test set")
+        )
         self.model = model
         self.tokenizer = (
             tokenizer
@@ -80,13 +88,17 @@ class FedClient:
         )
         self.label_map: LabelMap | None = None
         self.step_callback: Callable[[int, int], None] | None = None
-        self._encoded: EncodedDataset | None = None
         self._reference: torch.Tensor | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
 
     def __repr__(self) -> str:
-        return f"FedClient(name={self.name!r}, examples={len(self.data)})"
+        test = 0 if self.test_data is None else len(self.test_data)
+        return f"FedClient(name={self.name!r}, examples={len(self.data)}, test_examples={test})"
+
+    @property
+    def has_test_data(self) -> bool:
+        return self.test_data is not None and len(self.test_data) > 0
 
     # ---- labels ------------------------------------------------------------------------------
 
@@ -96,17 +108,19 @@ class FedClient:
     def set_label_map(self, label_map: LabelMap) -> None:
         """Use the federation's label map (the server owns it); checks this client's labels fit."""
         label_map.encode(self.data.labels, owner=f"client {self.name}")
+        if self.test_data is not None:
+            label_map.encode(self.test_data.labels, owner=f"client {self.name} test set")
         label_map.check_fits(self.model.config.num_labels, owner=f"client {self.name}")
         self.label_map = label_map
-        self._encoded = None
 
-    def encoded(self) -> EncodedDataset:
+    def encoded(self, split: str = "train") -> EncodedDataset:
+        """Tokenized examples of the train or test split. Tokenized on demand, not kept: a simulation
+        of thousands of clients holds their text, never all their tokens at once."""
         if self.label_map is None:
             self.set_label_map(LabelMap.from_values(self.data.labels))
-        if self._encoded is None:
-            labels = self.label_map.encode(self.data.labels, owner=f"client {self.name}")
-            self._encoded = encode(self.tokenizer, self.data.texts, labels, self.options.max_length)
-        return self._encoded
+        data = self.data if split == "train" else self.test_data
+        labels = self.label_map.encode(data.labels, owner=f"client {self.name}")
+        return encode(self.tokenizer, data.texts, labels, self.options.max_length)
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -149,12 +163,13 @@ class FedClient:
         return FitRes(self.get_parameters() - ins.parameters, len(self.data), metrics)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
-        """Metrics of the given parameters on this client's own data."""
+        """Metrics of the given parameters on this client's test split (none: zero examples)."""
+        if not self.has_test_data:
+            return EvaluateRes(0, {})
         set_federated_vector(self.model, ins.parameters)
-        metrics = evaluate_model(
-            self.model, self.encoded(), self.options.batch_size, self._pad_id(), self.options.device
-        )
-        return EvaluateRes(len(self.data), metrics)
+        test = self.encoded("test")
+        metrics = evaluate_model(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
+        return EvaluateRes(len(test), metrics)
 
     # ---- local training ----------------------------------------------------------------------
 

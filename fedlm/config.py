@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,30 +21,94 @@ class ModelConfig(Section):
     name: str = Field("minilm", description="a bundled model name (minilm) or a local Hugging Face folder")
 
 
+class IidPartitionConfig(Section):
+    kind: Literal["iid"] = "iid"
+    num_clients: int = Field(5, ge=1, description="number of clients")
+
+
+class DirichletPartitionConfig(Section):
+    kind: Literal["dirichlet"]
+    num_clients: int = Field(5, ge=1, description="number of clients")
+    alpha: float = Field(..., gt=0, description="concentration: 0.1 strongly skewed, 1000 near IID")
+    min_size: int = Field(1, ge=1, description="fewest examples any client gets")
+    column: str | None = Field(None, description="split on this column instead of the label")
+
+
+class QuantityPartitionConfig(Section):
+    kind: Literal["quantity"]
+    num_clients: int = Field(5, ge=1, description="number of clients")
+    distribution: Literal["dirichlet", "power_law"] = Field("dirichlet", description="how client sizes are drawn")
+    alpha: float = Field(1.0, gt=0, description="Dirichlet concentration of the size shares")
+    exponent: float = Field(1.0, ge=0, description="power-law exponent of the size shares")
+    min_size: int = Field(1, ge=1, description="fewest examples any client gets")
+
+
+class ShardsPartitionConfig(Section):
+    kind: Literal["shards"]
+    num_clients: int = Field(5, ge=1, description="number of clients")
+    labels_per_client: int = Field(2, ge=1, description="labels each client holds")
+    column: str | None = Field(None, description="split on this column instead of the label")
+
+
+class NaturalPartitionConfig(Section):
+    kind: Literal["natural"]
+    column: str = Field(..., description="one client per value of this column (author, user, language, ...)")
+
+
+class PredefinedPartitionConfig(Section):
+    kind: Literal["predefined"]
+    clients: list[str] | None = Field(None, description="one data file or saved dataset folder per client")
+    folder: str | None = Field(None, description="a folder whose data files are the clients, one each")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PredefinedPartitionConfig:
+        if (self.clients is None) == (self.folder is None):
+            raise ValueError("give exactly one of 'clients' (a list of files) or 'folder'")
+        return self
+
+
+PartitionConfig = Annotated[
+    IidPartitionConfig
+    | DirichletPartitionConfig
+    | QuantityPartitionConfig
+    | ShardsPartitionConfig
+    | NaturalPartitionConfig
+    | PredefinedPartitionConfig,
+    Field(discriminator="kind"),
+]
+
+
 class DataConfig(Section):
-    dataset: str = Field(
-        "bbc-news", description="a bundled dataset name (bbc-news) or a CSV/JSONL/Parquet file or saved folder"
+    dataset: str | None = Field(
+        "bbc-news",
+        description="a bundled dataset name or a CSV/JSONL/Parquet file or saved folder (not for predefined)",
     )
     text_column: str | None = Field(None, description="the text column; detected by name when omitted")
     label_column: str | None = Field(None, description="the label column; detected by name when omitted")
-    validation_fraction: float = Field(
-        0.2, ge=0.0, lt=1.0, description="share held out as the federated validation set"
-    )
     max_examples: int | None = Field(None, ge=2, description="use a seeded random subset of this many examples")
-    partition: Literal["iid"] = Field("iid", description="how the training part is split into clients")
+    validation_file: str | None = Field(None, description="the federated validation set, held by the server")
+    validation_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="share held out as the federated validation set when no validation_file"
+    )
+    client_test_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of each client's data kept as its test split"
+    )
+    partition: PartitionConfig = Field(IidPartitionConfig(), description="how the data is split into clients")
+
+    @model_validator(mode="after")
+    def _has_source(self) -> DataConfig:
+        if self.partition.kind != "predefined" and self.dataset is None:
+            raise ValueError(f"a {self.partition.kind} partition needs a dataset to split")
+        return self
 
 
 class FederationConfig(Section):
-    num_clients: int = Field(5, ge=1, description="number of simulated clients")
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; all when omitted")
+    clients_per_evaluation: int | None = Field(
+        None, ge=0, description="clients whose test split is evaluated each round; all when omitted, 0 for none"
+    )
     rounds: int = Field(3, ge=1, description="federated rounds")
     min_clients: int = Field(1, ge=1, description="fewest valid updates a round needs to aggregate")
-
-    @model_validator(mode="after")
-    def _sample_fits(self) -> FederationConfig:
-        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
-            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})")
-        return self
 
 
 class StrategyConfig(Section):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fedlm.client import FedClient
+from fedlm.core.client_metrics import metric_distribution
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
@@ -31,7 +32,7 @@ from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, FedlmError, ModelError
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import quiet_transformers
-from fedlm.protocol import FitIns, FitRes, LoopbackProxy
+from fedlm.protocol import EvaluateIns, FitIns, FitRes, LoopbackProxy
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
 logger = logging.getLogger("fedlm")
@@ -185,40 +186,80 @@ class FedServer:
         local_epochs: int = 1,
         clients_per_round: int | None = None,
         validation: Any = None,
+        clients_per_evaluation: int | None = None,
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
-        """Run `rounds` rounds; returns one metrics dict per round (also kept in `history`)."""
+        """Run `rounds` rounds (see `run_round`); returns one metrics dict per round (also kept in `history`)."""
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
         encoded = None if validation is None else self.encode_dataset(validation)
         records = []
         for _ in range(rounds):
-            record = self.run_round(local_epochs, clients_per_round, encoded)
+            record = self.run_round(local_epochs, clients_per_round, encoded, clients_per_evaluation)
             records.append(record)
             if on_round_end is not None:
                 on_round_end(record)
         return records
 
-    def sample_clients(self, round_number: int, clients_per_round: int | None) -> list[FedClient]:
-        if clients_per_round is None or clients_per_round >= len(self.clients):
+    def sample_clients(self, round_number: int, count: int | None, purpose: str = "fit") -> list[FedClient]:
+        """`count` clients (all when None), drawn with a seed from the run seed, purpose and round."""
+        if count is None or count >= len(self.clients):
             return list(self.clients)
-        if clients_per_round < 1:
-            raise ConfigError(f"clients_per_round must be >= 1, got {clients_per_round}")
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "sample", round_number))
-        chosen = torch.randperm(len(self.clients), generator=generator)[:clients_per_round]
+        if count < 0:
+            raise ConfigError(f"the number of clients to sample must be >= 0, got {count}")
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, purpose, round_number))
+        chosen = torch.randperm(len(self.clients), generator=generator)[:count]
         return [self.clients[index] for index in sorted(chosen.tolist())]
 
+    def evaluate_clients(self, clients_per_evaluation: int | None = None) -> dict[str, Any]:
+        """The global model on each (sampled) client's own test split: per-client results and their
+        distribution (mean, weighted mean, worst, 10th percentile, std) of accuracy and macro-F1."""
+        ins = EvaluateIns(self.global_params, {"round": self.round})
+        results = []
+        for client in self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate"):
+            if not client.has_test_data:
+                continue
+            try:
+                result = self._proxies[client.name].evaluate(ins)
+            except Exception as error:  # a failing client must not end the run
+                logger.warning(
+                    "round %d: client %s failed to evaluate: %s: %s",
+                    self.round,
+                    client.name,
+                    type(error).__name__,
+                    error,
+                )
+                continue
+            if result.num_examples > 0:
+                results.append({"client": client.name, "num_examples": result.num_examples, **result.metrics})
+        if not results:
+            return {}
+        summary: dict[str, Any] = {"clients_evaluated": len(results)}
+        weights = [result["num_examples"] for result in results]
+        for metric in ("accuracy", "macro_f1"):
+            distribution = metric_distribution([result[metric] for result in results], weights)
+            summary.update({f"client_{metric}_{key}": value for key, value in distribution.items()})
+        summary["client_test"] = results
+        return summary
+
     def run_round(
-        self, local_epochs: int = 1, clients_per_round: int | None = None, validation: EncodedDataset | None = None
+        self,
+        local_epochs: int = 1,
+        clients_per_round: int | None = None,
+        validation: EncodedDataset | None = None,
+        clients_per_evaluation: int | None = None,
     ) -> dict[str, Any]:
+        """One round: train the sampled clients, aggregate, then evaluate on the federated validation
+        set and on the test splits of `clients_per_evaluation` clients (all when None, none when 0)."""
         round_number = self.round + 1
         start = time.perf_counter()
-        sampled = self.sample_clients(round_number, clients_per_round)
-        ins = FitIns(self.global_params, {"round": round_number, "epochs": local_epochs, "seed": self.seed})
         bytes_before = self._bytes_moved()
+
+        # 1-3. train the sampled clients; keep the valid updates
+        ins = FitIns(self.global_params, {"round": round_number, "epochs": local_epochs, "seed": self.seed})
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
-        for client in sampled:
+        for client in self.sample_clients(round_number, clients_per_round):
             try:
                 result = self._proxies[client.name].fit(ins)
             except Exception as error:  # a failing client must not end the run
@@ -228,14 +269,9 @@ class FedServer:
                 dropped.append({"client": client.name, "reason": f"{type(error).__name__}: {error}"})
                 continue
             self._accept(client.name, result, updates, dropped)
-        bytes_after = self._bytes_moved()
-        record: dict[str, Any] = {
-            "round": round_number,
-            "clients": len(updates),
-            "dropped": dropped,
-            "bytes_down": bytes_after[0] - bytes_before[0],
-            "bytes_up": bytes_after[1] - bytes_before[1],
-        }
+        record: dict[str, Any] = {"round": round_number, "clients": len(updates), "dropped": dropped}
+
+        # 4. aggregate, or skip the round when too few clients remain
         if len(updates) >= self.min_clients:
             self.global_params = self.strategy.aggregate(self.global_params, updates)
             record.update(_train_summary(updates))
@@ -248,14 +284,21 @@ class FedServer:
             )
             record["skipped"] = True
         self.round = round_number
-        eval_seconds = 0.0
+
+        # 5. evaluate: federated validation set, then the clients' own test splits
+        eval_start = time.perf_counter()
         if validation is not None:
-            eval_start = time.perf_counter()
             record.update({f"val_{key}": value for key, value in self.evaluate(validation).items()})
-            eval_seconds = time.perf_counter() - eval_start
+        if clients_per_evaluation != 0:
+            record.update(self.evaluate_clients(clients_per_evaluation))
+        record["eval_seconds"] = time.perf_counter() - eval_start
+
+        # 6. record
+        bytes_after = self._bytes_moved()
+        record["bytes_down"] = bytes_after[0] - bytes_before[0]
+        record["bytes_up"] = bytes_after[1] - bytes_before[1]
         record["seconds"] = time.perf_counter() - start
-        record["eval_seconds"] = eval_seconds
-        record["overhead_seconds"] = record["seconds"] - eval_seconds - record.get("train_seconds", 0.0)
+        record["overhead_seconds"] = record["seconds"] - record["eval_seconds"] - record.get("train_seconds", 0.0)
         self.history.append(record)
         return record
 

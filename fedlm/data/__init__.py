@@ -1,14 +1,33 @@
 """Loading client datasets, bundled datasets, label maps and partitioners."""
 
 from fedlm.data.bundled import BUNDLED_DATASETS, load_bundled_dataset
-from fedlm.data.dataset import TextDataset, load_text_dataset
+from fedlm.data.dataset import TextDataset, concatenate, load_text_dataset
 from fedlm.data.labels import LabelMap
-from fedlm.data.partition import IidPartitioner
+from fedlm.data.partition import (
+    PARTITIONERS,
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalPartitioner,
+    Partitioner,
+    QuantityPartitioner,
+    ShardsPartitioner,
+    client_sources,
+    load_predefined,
+)
 from fedlm.data.split import holdout_split
 
 __all__ = [
     "BUNDLED_DATASETS",
+    "PARTITIONERS",
+    "DirichletPartitioner",
     "IidPartitioner",
+    "NaturalPartitioner",
+    "Partitioner",
+    "QuantityPartitioner",
+    "ShardsPartitioner",
+    "client_sources",
+    "concatenate",
+    "load_predefined",
     "LabelMap",
     "TextDataset",
     "holdout_split",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,45 @@ FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 
 @dataclass
 class TextDataset:
-    """Texts and their raw labels (as found in the source), plus where they came from."""
+    """Texts and their raw labels (as found in the source), the source's other columns
+    (for natural splits by author, language, ...), and where they came from."""
 
     texts: list[str]
     labels: list[Any]
     source: str
+    columns: dict[str, list] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, indices: list[int]) -> TextDataset:
-        return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.source)
+        return TextDataset(
+            [self.texts[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.source,
+            {name: [values[i] for i in indices] for name, values in self.columns.items()},
+        )
+
+    def column(self, name: str, owner: str = "dataset") -> list:
+        """The values of column `name` ("label" and "text" included)."""
+        if name in self.columns:
+            return self.columns[name]
+        if name in ("label", "text"):
+            return self.labels if name == "label" else self.texts
+        raise DatasetError(
+            f"{owner}: {self.source} has no column {name!r}; its columns are {sorted(['text', 'label', *self.columns])}"
+        )
+
+
+def concatenate(parts: list[TextDataset], source: str) -> TextDataset:
+    """One dataset holding `parts` in order; columns missing from a part are filled with None."""
+    names = sorted({name for part in parts for name in part.columns})
+    return TextDataset(
+        [text for part in parts for text in part.texts],
+        [label for part in parts for label in part.labels],
+        source,
+        {name: [value for part in parts for value in part.columns.get(name, [None] * len(part))] for name in names},
+    )
 
 
 def load_text_dataset(
@@ -64,7 +92,8 @@ def load_text_dataset(
                 f"{owner}: {source} row {row}: text must be a string and label non-empty, "
                 f"got text={text!r:.60} label={label!r}"
             )
-    return TextDataset(list(texts), list(labels), source)
+    others = {name: list(values) for name, values in columns.items() if name not in (text_name, label_name)}
+    return TextDataset(list(texts), list(labels), source, others)
 
 
 def _read_path(path: Path, owner: str) -> dict[str, list]:

@@ -19,17 +19,10 @@ from fedlm.client import FedClient
 from fedlm.config import RunConfig
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES
-from fedlm.data import (
-    BUNDLED_DATASETS,
-    IidPartitioner,
-    LabelMap,
-    TextDataset,
-    holdout_split,
-    load_bundled_dataset,
-    load_text_dataset,
-)
-from fedlm.errors import ConfigError
+from fedlm.data import LabelMap
+from fedlm.data.report import partition_summary, write_partition_report
 from fedlm.models import load_classifier, load_tokenizer
+from fedlm.runtime.federated_data import check_clients_per_round, prepare_federated_data
 from fedlm.server import FedServer
 from fedlm.tasks.classification import EncodedDataset
 
@@ -38,39 +31,16 @@ from fedlm.tasks.classification import EncodedDataset
 class Simulation:
     config: RunConfig
     server: FedServer
-    validation: EncodedDataset
-
-
-def load_run_dataset(config: RunConfig) -> TextDataset:
-    data_config = config.data
-    if data_config.dataset in BUNDLED_DATASETS:
-        data = load_bundled_dataset(data_config.dataset)
-    else:
-        data = load_text_dataset(
-            data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset"
-        )
-    if data_config.max_examples is not None and data_config.max_examples < len(data):
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, "subset"))
-        data = data.subset(sorted(torch.randperm(len(data), generator=generator)[: data_config.max_examples].tolist()))
-    return data
+    validation: EncodedDataset | None
+    partition: dict[str, Any]
 
 
 def build_simulation(config: RunConfig) -> Simulation:
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
-    data = load_run_dataset(config)
-    train_indices, validation_indices = holdout_split(
-        len(data), config.data.validation_fraction, derive_seed(config.seed, "validation")
-    )
-    train = data.subset(train_indices)
-    num_clients = config.federation.num_clients
-    if len(train) < num_clients:
-        raise ConfigError(
-            f"federation.num_clients: {num_clients} clients need at least as many training examples, have {len(train)}"
-        )
-    parts = IidPartitioner(num_clients, seed=derive_seed(config.seed, "partition")).partition(len(train))
-
-    label_map = LabelMap.from_values(data.labels)
+    federated = prepare_federated_data(config)
+    check_clients_per_round(config, len(federated.clients))
+    label_map = LabelMap.from_values(federated.label_values())
     model = load_classifier(config.model.name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
     tokenizer = load_tokenizer(config.model.name)
     training = config.training
@@ -82,16 +52,15 @@ def build_simulation(config: RunConfig) -> Simulation:
         "max_grad_norm": training.max_grad_norm,
         "seed": config.seed,
     }
-    width = len(str(num_clients - 1))
     clients = [
-        FedClient(train.subset(part), model, tokenizer, name=f"client-{index:0{width}d}", **options)
-        for index, part in enumerate(parts)
+        FedClient(client.train, model, tokenizer, name=client.name, test_dataset=client.test, **options)
+        for client in federated.clients
     ]
     strategy_config = config.strategy.model_dump()
     strategy = STRATEGIES[strategy_config.pop("kind")](**strategy_config)
     server = FedServer(clients, strategy, seed=config.seed, min_clients=config.federation.min_clients)
-    validation = server.encode_dataset(data.subset(validation_indices)) if validation_indices else None
-    return Simulation(config, server, validation)
+    validation = None if federated.validation is None else server.encode_dataset(federated.validation)
+    return Simulation(config, server, validation, partition_summary(federated))
 
 
 def run_simulation(
@@ -102,6 +71,7 @@ def run_simulation(
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(config.to_yaml())
+    write_partition_report(simulation.partition, output)
     with (output / "metrics.jsonl").open("w") as metrics_file:
 
         def record_round(record: dict[str, Any]) -> None:
@@ -118,6 +88,7 @@ def run_simulation(
             local_epochs=config.training.local_epochs,
             clients_per_round=config.federation.clients_per_round,
             validation=simulation.validation,
+            clients_per_evaluation=config.federation.clients_per_evaluation,
             on_round_end=record_round,
         )
     server.save(output / "model")

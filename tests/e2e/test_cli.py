@@ -20,8 +20,8 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     data.write_text("\n".join(json.dumps({"content": r["text"], "category": r["label"]}) for r in make_records(200, 5)))
     config = {
         "model": {"name": str(tiny_model_dir)},
-        "data": {"dataset": str(data)},
-        "federation": {"num_clients": 3, "rounds": 2},
+        "data": {"dataset": str(data), "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 2},
         "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
         "output_dir": "ignored",
     }
@@ -30,7 +30,10 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round 2/2" in result.stdout and "val acc" in result.stdout and "up " in result.stdout
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 3
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and lines[-1]["clients_evaluated"] == 3 and "client_accuracy_p10" in lines[-1]
+    assert "client acc mean" in result.stdout
+    assert (tmp_path / "out" / "partition.json").exists() and (tmp_path / "out" / "partition.png").exists()
 
 
 def test_bad_config_exits_2_and_names_the_field(tmp_path):
@@ -52,3 +55,16 @@ def test_demo_config_is_valid_and_printable(tmp_path):
     printed = yaml.safe_load(result.stdout)
     assert printed["model"]["name"] == "minilm" and printed["data"]["dataset"] == "bbc-news"
     assert printed["federation"]["rounds"] == 2
+
+
+def test_fedlm_partition_prints_the_table_and_writes_the_report(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in make_records(120, 1)))
+    (tmp_path / "p.yaml").write_text(
+        f"output_dir: out\ndata: {{dataset: {data}, partition: {{kind: dirichlet, alpha: 0.3, num_clients: 4, min_size: 5}}}}\n"
+    )
+    result = fedlm("partition", "p.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "client-0" in result.stdout and "top share" in result.stdout and "business" in result.stdout
+    report = json.loads((tmp_path / "out" / "partition.json").read_text())
+    assert report["num_clients"] == 4 and report["train_examples"] + report["test_examples"] == 96

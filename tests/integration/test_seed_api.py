@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from conftest import make_records
@@ -141,3 +142,33 @@ def test_label_names_already_in_the_model_config_are_kept(load_tiny):
     server = FedServer([client])
     assert server.label_map.label2id == {"tech": 0, "sport": 1, "business": 2}
     assert client.encoded().labels == [{"tech": 0, "sport": 1, "business": 2}[r] for r in client.data.labels]
+
+
+def test_clients_are_evaluated_on_their_own_test_splits(load_tiny):
+    from fedlm.core.client_metrics import metric_distribution
+
+    model = load_tiny()
+    clients = [
+        FedClient(
+            make_records(60, seed=s), model, name=f"c{s}", test_dataset=make_records(5 + 5 * s, seed=100 + s), **FAST
+        )
+        for s in range(4)
+    ]
+    clients.append(FedClient(make_records(60, seed=9), model, name="no-test", **FAST))
+    server = FedServer(clients)
+    record = server.run_round(local_epochs=2)
+    per_client = {item["client"]: item for item in record["client_test"]}
+    assert sorted(per_client) == ["c0", "c1", "c2", "c3"] and record["clients_evaluated"] == 4
+    assert [per_client[f"c{s}"]["num_examples"] for s in range(4)] == [5, 10, 15, 20]
+    for name, client in per_client.items():  # each client's number is the global model on its own test split
+        expected = server.evaluate(clients[int(name[1])].test_data)
+        assert client["accuracy"] == pytest.approx(expected["accuracy"])
+    accuracies = [per_client[f"c{s}"]["accuracy"] for s in range(4)]
+    expected = metric_distribution(accuracies, [5, 10, 15, 20])
+    assert record["client_accuracy_worst"] == min(accuracies) == expected["worst"]
+    assert record["client_accuracy_weighted_mean"] == pytest.approx(
+        sum(a * n for a, n in zip(accuracies, [5, 10, 15, 20])) / 50
+    )
+    assert server.run_round(clients_per_evaluation=0).get("client_test") is None
+    sampled = server.run_round(clients_per_evaluation=2)
+    assert sampled["clients_evaluated"] <= 2

@@ -23,8 +23,8 @@ def config_data(tmp_path, tiny_model_dir):
         "seed": 3,
         "output_dir": str(tmp_path / "run"),
         "model": {"name": str(tiny_model_dir)},
-        "data": {"dataset": str(path), "validation_fraction": 0.25},
-        "federation": {"num_clients": 4, "clients_per_round": 3, "rounds": 3},
+        "data": {"dataset": str(path), "validation_fraction": 0.25, "partition": {"kind": "iid", "num_clients": 4}},
+        "federation": {"clients_per_round": 3, "rounds": 3},
         "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
     }
 
@@ -33,7 +33,9 @@ def test_clients_are_data_sharing_one_model(config_data):
     simulation = build_simulation(parse_config(config_data))
     clients = simulation.server.clients
     assert len(clients) == 4 and all(client.model is clients[0].model for client in clients)
-    assert sum(len(client.data) for client in clients) == 300 and len(simulation.validation) == 100
+    assert len(simulation.validation) == 100
+    assert sum(len(client.data) for client in clients) + sum(len(client.test_data) for client in clients) == 300
+    assert all(len(client.test_data) == round(0.1 * (len(client.data) + len(client.test_data))) for client in clients)
     assert all(client._reference is simulation.server.global_params for client in clients)
 
 
@@ -66,6 +68,6 @@ def test_run_writes_metrics_config_and_a_reloadable_model(config_data, tmp_path)
 
 def test_more_clients_than_examples_is_a_config_error(config_data):
     config_data["data"]["max_examples"] = 10
-    config_data["federation"] = {"num_clients": 9, "rounds": 1}
-    with pytest.raises(ConfigError, match="federation.num_clients: 9 clients need at least as many training examples"):
+    config_data["data"]["partition"] = {"kind": "iid", "num_clients": 9}
+    with pytest.raises(ConfigError, match="cannot give 9 clients at least 1 example"):
         build_simulation(parse_config(config_data))

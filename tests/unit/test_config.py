@@ -7,11 +7,14 @@ from fedlm.errors import ConfigError
 def test_defaults_and_a_full_config(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
-        "seed: 7\noutput_dir: out\nmodel: {name: minilm}\ndata: {dataset: data.csv, max_examples: 100}\n"
-        "federation: {num_clients: 4, clients_per_round: 2, rounds: 5}\ntraining: {learning_rate: 0.001}\n"
+        "seed: 7\noutput_dir: out\nmodel: {name: minilm}\n"
+        "data: {dataset: data.csv, max_examples: 100, partition: {kind: dirichlet, alpha: 0.5, num_clients: 100, min_size: 10}}\n"
+        "federation: {clients_per_round: 2, rounds: 5}\ntraining: {learning_rate: 0.001}\n"
     )
     config = load_config(path)
     assert config.seed == 7 and config.federation.clients_per_round == 2 and config.training.learning_rate == 0.001
+    assert config.data.partition.kind == "dirichlet" and config.data.partition.alpha == 0.5
+    assert config.data.partition.num_clients == 100 and config.data.partition.min_size == 10
     assert config.training.batch_size == 16 and config.strategy.kind == "fedavg"
     assert parse_config(config.model_dump(mode="json")) == config
 
@@ -20,13 +23,20 @@ def test_defaults_and_a_full_config(tmp_path):
     ("data", "message"),
     [
         ({"federation": {"rounds": 0}}, "federation.rounds: Input should be greater than or equal to 1"),
+        ({"federation": {"num_clients": 4}}, "federation.num_clients: Extra inputs are not permitted"),
         (
-            {"federation": {"num_clients": 2, "clients_per_round": 3}},
-            "clients_per_round \\(3\\) exceeds num_clients \\(2\\)",
+            {"data": {"partition": {"kind": "dirichlet", "alpha": 0}}},
+            "data.partition.dirichlet.alpha: Input should be greater than 0",
         ),
+        ({"data": {"partition": {"kind": "natural"}}}, "data.partition.natural.column: Field required"),
+        ({"data": {"partition": {"kind": "predefined"}}}, "give exactly one of 'clients'"),
+        ({"data": {"dataset": None}}, "a iid partition needs a dataset"),
         ({"training": {"learning_rate": "fast"}}, "training.learning_rate: Input should be a valid number"),
         ({"training": {"lr": 0.1}}, "training.lr: Extra inputs are not permitted"),
-        ({"data": {"partition": "zipf"}}, "data.partition: Input should be 'iid'"),
+        (
+            {"data": {"partition": {"kind": "zipf"}}},
+            "data.partition: Input tag 'zipf' .* expected tags: 'iid', 'dirichlet'",
+        ),
         ({"strategy": {"kind": "fedsgd"}}, "strategy.kind: Input should be 'fedavg'"),
         ({"version": 9}, "config version 9 is newer"),
     ],

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from fedlm.data.partition.base import Partition, Partitioner, check_num_clients, split_by_sizes
 
 
-class IidPartitioner:
-    """Shuffle the example indices with `seed` and deal them into `num_clients` equal parts."""
+class IidPartitioner(Partitioner):
+    """Shuffle the examples with `seed` and deal them into `num_clients` parts whose sizes differ by at most one."""
 
     def __init__(self, num_clients: int, seed: int = 0) -> None:
-        if num_clients < 1:
-            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.num_clients = num_clients
         self.seed = seed
 
-    def partition(self, num_examples: int) -> list[list[int]]:
-        if num_examples < self.num_clients:
-            raise ValueError(f"cannot give {self.num_clients} clients at least one of {num_examples} examples each")
-        order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(self.seed)).tolist()
-        return [sorted(order[client :: self.num_clients]) for client in range(self.num_clients)]
+    def partition(self, targets: Sequence[Hashable]) -> Partition:
+        check_num_clients(self.num_clients, len(targets))
+        sizes = np.full(self.num_clients, len(targets) // self.num_clients)
+        sizes[: len(targets) % self.num_clients] += 1
+        return split_by_sizes(np.random.default_rng(self.seed).permutation(len(targets)), sizes)

@@ -1,0 +1,78 @@
+"""What each client holds: a summary (partition.json) and a heatmap of labels by client (partition.png)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fedlm.data.federated import FederatedData
+from fedlm.data.labels import label_key
+
+
+def partition_summary(federated: FederatedData) -> dict[str, Any]:
+    """Per client: examples, test examples, label histogram, top label and its share; plus totals."""
+    labels = federated.label_values()
+    clients = []
+    for client in federated.clients:
+        counts = Counter(label_key(label) for label in client.train.labels)
+        top_label, top_count = min(counts.items(), key=lambda item: (-item[1], item[0]))
+        clients.append(
+            {
+                "client": client.name,
+                "examples": len(client.train),
+                "test_examples": len(client.test),
+                "label_counts": {label: counts.get(label, 0) for label in labels},
+                "top_label": top_label,
+                "top_label_share": top_count / len(client.train),
+            }
+        )
+    sizes = [client["examples"] for client in clients]
+    return {
+        "num_clients": len(clients),
+        "labels": labels,
+        "train_examples": sum(sizes),
+        "test_examples": sum(client["test_examples"] for client in clients),
+        "validation_examples": 0 if federated.validation is None else len(federated.validation),
+        "client_examples": {
+            "min": min(sizes),
+            "median": statistics.median(sizes),
+            "max": max(sizes),
+            "std": statistics.pstdev(sizes),
+        },
+        "mean_top_label_share": statistics.fmean(client["top_label_share"] for client in clients),
+        "clients": clients,
+    }
+
+
+def write_partition_report(summary: dict[str, Any], folder: str | Path) -> None:
+    """Write partition.json and partition.png (label shares by client) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "partition.json").write_text(json.dumps(summary, indent=2))
+    plot_label_heatmap(summary, folder / "partition.png")
+
+
+def plot_label_heatmap(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    clients, labels = summary["clients"], summary["labels"]
+    counts = np.array([[client["label_counts"][label] for client in clients] for label in labels], dtype=float)
+    shares = counts / counts.sum(axis=0, keepdims=True)
+    figure, axes = plt.subplots(figsize=(min(16, 4 + 0.3 * len(clients)), 1.5 + 0.4 * len(labels)))
+    image = axes.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    axes.set_yticks(range(len(labels)), labels)
+    if len(clients) <= 40:
+        axes.set_xticks(range(len(clients)), [client["client"] for client in clients], rotation=90)
+    axes.set_xlabel(f"{len(clients)} clients")
+    axes.set_title(f"label share by client ({summary['train_examples']} training examples)")
+    figure.colorbar(image, ax=axes, label="share of the client's examples")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,116 @@
+"""From a run config to the federation's data: clients (train and test splits) and the
+server's federated validation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedlm.config import NaturalPartitionConfig, PartitionConfig, PredefinedPartitionConfig, RunConfig
+from fedlm.core.seeding import derive_seed
+from fedlm.data import (
+    BUNDLED_DATASETS,
+    PARTITIONERS,
+    TextDataset,
+    client_sources,
+    holdout_split,
+    load_bundled_dataset,
+    load_predefined,
+    load_text_dataset,
+)
+from fedlm.data.federated import ClientData, FederatedData
+from fedlm.data.labels import label_key
+from fedlm.data.partition import NaturalPartitioner, Partitioner
+from fedlm.errors import ConfigError, DatasetError
+
+
+def load_source(config: RunConfig) -> TextDataset:
+    """The run's single source dataset (bundled or a file), subsampled to `max_examples`."""
+    data_config = config.data
+    name = data_config.dataset
+    if name in BUNDLED_DATASETS or (not Path(name).exists() and not Path(name).suffix):
+        data = load_bundled_dataset(name)  # names the registered datasets when `name` is unknown
+    else:
+        data = load_text_dataset(
+            data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset"
+        )
+    if data_config.max_examples is not None and data_config.max_examples < len(data):
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "subset"))
+        data = data.subset(sorted(torch.randperm(len(data), generator=generator)[: data_config.max_examples].tolist()))
+    return data
+
+
+def prepare_federated_data(config: RunConfig) -> FederatedData:
+    data_config, partition = config.data, config.data.partition
+    if isinstance(partition, PredefinedPartitionConfig):
+        sources = client_sources(partition.clients, partition.folder)
+        data, parts, names = load_predefined(sources, data_config.text_column, data_config.label_column)
+    else:
+        data = load_source(config)
+        parts, names = None, None
+    validation = None
+    if data_config.validation_file is not None:
+        validation = load_text_dataset(
+            data_config.validation_file, data_config.text_column, data_config.label_column, owner="data.validation_file"
+        )
+        kept = list(range(len(data)))
+    else:
+        kept, held = holdout_split(len(data), data_config.validation_fraction, derive_seed(config.seed, "validation"))
+        validation = data.subset(held) if held else None
+    if parts is None:
+        partitioner = make_partitioner(partition, derive_seed(config.seed, "partition"))
+        targets = data.subset(kept).column(getattr(partition, "column", None) or "label", owner="data.partition.column")
+        parts = [[kept[i] for i in part] for part in partitioner.partition(targets)]
+        names = partitioner.client_names(targets)
+    else:
+        held_set = set(range(len(data))) - set(kept)
+        parts = [[i for i in part if i not in held_set] for part in parts]
+    if names is None:
+        width = len(str(len(parts) - 1))
+        names = [f"client-{index:0{width}d}" for index in range(len(parts))]
+    clients = [
+        split_client(name, data.subset(part), data_config.client_test_fraction, config.seed)
+        for name, part in zip(names, parts)
+    ]
+    federated = FederatedData(clients, validation)
+    check_validation_labels(federated)
+    return federated
+
+
+def make_partitioner(partition: PartitionConfig, seed: int) -> Partitioner:
+    if isinstance(partition, NaturalPartitionConfig):
+        return NaturalPartitioner(partition.column)
+    return PARTITIONERS[partition.kind](**partition.model_dump(exclude={"kind", "column"}), seed=seed)
+
+
+def split_client(name: str, data: TextDataset, test_fraction: float, seed: int) -> ClientData:
+    """A client's seeded train / test split; at least one test example when test_fraction > 0."""
+    if len(data) == 0:
+        raise DatasetError(f"client {name} has no examples; change the partition or its min_size")
+    train, test = holdout_split(len(data), test_fraction, derive_seed(seed, "test", name))
+    if test_fraction > 0 and not test and len(data) > 1:
+        train, test = train[1:], train[:1]
+    if not train:
+        raise DatasetError(
+            f"client {name} is left with zero training examples after its test split; lower data.client_test_fraction"
+        )
+    return ClientData(name, data.subset(train), data.subset(test))
+
+
+def check_validation_labels(federated: FederatedData) -> None:
+    if federated.validation is None:
+        return
+    known = set(federated.label_values())
+    unseen = sorted({label_key(label) for label in federated.validation.labels} - known)
+    if unseen:
+        raise DatasetError(
+            f"federated validation set has labels {unseen} that no client's training data has; "
+            f"the training labels are {sorted(known)}"
+        )
+
+
+def check_clients_per_round(config: RunConfig, num_clients: int) -> None:
+    per_round = config.federation.clients_per_round
+    if per_round is not None and per_round > num_clients:
+        raise ConfigError(f"federation.clients_per_round ({per_round}) exceeds the number of clients ({num_clients})")
