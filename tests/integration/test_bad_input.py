@@ -56,7 +56,7 @@ def test_unknown_model_and_dataset_names():
 
     with pytest.raises(ModelError, match=r"unknown model 'gpt-17'.*\['minilm'\]"):
         load_classifier("gpt-17", 2, seed=0)
-    with pytest.raises(DatasetError, match=r"unknown dataset name 'imdbb'.*\['bbc-news'\]"):
+    with pytest.raises(DatasetError, match=r"unknown dataset name 'imdbb'.*'bbc-news'"):
         load_bundled_dataset("imdbb")
 
 

@@ -1,0 +1,62 @@
+"""`fedlm run` on the example configs (shortened): non-IID BBC News and a multilingual natural split."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.real_model
+CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
+
+
+def run_shortened(name, tmp_path, **changes):
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    for section, values in changes.items():
+        config[section] = {**config.get(section, {}), **values}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "fedlm", "run", "run.yaml", "--output-dir", "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    return result.stdout, lines, json.loads((tmp_path / "out" / "partition.json").read_text())
+
+
+def test_bbc_news_with_dirichlet_label_skew(tmp_path):
+    stdout, lines, partition = run_shortened(
+        "bbc-dirichlet.yaml",
+        tmp_path,
+        data={"max_examples": 600},
+        federation={"rounds": 2, "clients_per_round": 3},
+        training={"max_length": 64},
+    )
+    assert partition["num_clients"] == 10 and partition["mean_top_label_share"] > 0.4
+    assert (tmp_path / "out" / "partition.png").exists()
+    for line in lines[1:]:
+        assert {
+            "val_accuracy",
+            "client_accuracy_mean",
+            "client_accuracy_worst",
+            "client_accuracy_p10",
+            "client_accuracy_std",
+        } <= set(line)
+        assert line["clients"] == 3 and line["clients_evaluated"] == 10
+    assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"]
+    assert "client acc mean" in stdout
+
+
+def test_multilingual_natural_split_by_language(tmp_path):
+    stdout, lines, partition = run_shortened(
+        "multilingual-natural.yaml", tmp_path, data={"max_examples": 600}, federation={"rounds": 2}
+    )
+    assert [client["client"] for client in partition["clients"]] == ["en", "zh"]
+    assert partition["labels"] == ["negative", "positive"]
+    assert {item["client"] for item in lines[-1]["client_test"]} == {"en", "zh"}
+    assert lines[-1]["val_accuracy"] > 0.6
