@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,7 @@ def _read_path(path: Path, owner: str) -> dict[str, list]:
             return _read_saved_dataset(path, owner)
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-            if not rows:
-                raise DatasetError(f"{owner}: dataset file {path} holds no rows")
-            return _records_to_columns(rows, owner, str(path))
+            return _read_delimited(path, "\t" if suffix == ".tsv" else ",", owner)
         if suffix in (".jsonl", ".json"):
             return _records_to_columns(_read_json_records(path), owner, str(path))
         if suffix == ".parquet":
@@ -125,18 +122,40 @@ def _read_path(path: Path, owner: str) -> dict[str, list]:
     )
 
 
-def _read_json_records(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"line {number} is not valid JSON ({error.msg})") from error
-    return records
+def _read_delimited(path: Path, delimiter: str, owner: str) -> dict[str, list]:
+    """Columns straight from the rows (no dict per row: a million-row file stays small)."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise DatasetError(f"{owner}: dataset file {path} holds no rows")
+        columns: list[list] = [[] for _ in header]
+        for row in reader:
+            if len(row) != len(header):
+                raise ValueError(f"line {reader.line_num} has {len(row)} fields, the header has {len(header)}")
+            for values, value in zip(columns, row):
+                values.append(value)
+    if not columns or not columns[0]:
+        raise DatasetError(f"{owner}: dataset file {path} holds no rows")
+    return dict(zip(header, columns))
+
+
+def _read_json_records(path: Path) -> Iterator[dict]:
+    """JSON Lines one line at a time, or a JSON array of objects."""
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(1)
+        while first.isspace():
+            first = handle.read(1)
+        handle.seek(0)
+        if path.suffix.lower() == ".json" and first == "[":
+            yield from json.load(handle)
+            return
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"line {number} is not valid JSON ({error.msg})") from error
 
 
 def _read_saved_dataset(path: Path, owner: str) -> dict[str, list]:
@@ -152,13 +171,21 @@ def _read_saved_dataset(path: Path, owner: str) -> dict[str, list]:
     return loaded.to_dict()
 
 
-def _records_to_columns(records: list, owner: str, source: str) -> dict[str, list]:
-    if not records:
+def _records_to_columns(records: Iterable, owner: str, source: str) -> dict[str, list]:
+    """Columns from one dict per example; a key missing from a record reads as None."""
+    columns: dict[str, list] = {}
+    count = 0
+    for record in records:
+        if not isinstance(record, dict):
+            raise DatasetError(f"{owner}: {source} must hold one object (dict) per example, example {count} is {type(record).__name__}")
+        for name in record.keys() - columns.keys():
+            columns[name] = [None] * count
+        for name, values in columns.items():
+            values.append(record.get(name))
+        count += 1
+    if count == 0:
         raise DatasetError(f"{owner}: {source} holds no examples; every client needs at least one")
-    if not all(isinstance(record, dict) for record in records):
-        raise DatasetError(f"{owner}: {source} must hold one object (dict) per example")
-    names = list(records[0])
-    return {name: [record.get(name) for record in records] for name in names}
+    return columns
 
 
 def _pick_column(columns: dict, given: str | None, aliases: tuple[str, ...], role: str, owner: str, source: str) -> str:

@@ -84,3 +84,12 @@ def test_unreadable_and_unsupported_files(tmp_path):
 def test_rows_without_text_or_label_are_reported_by_row(tmp_path):
     with pytest.raises(DatasetError, match="row 1: text must be a string and label non-empty"):
         load_text_dataset([{"text": "a", "label": "x"}, {"text": "b", "label": ""}])
+
+
+def test_ragged_csv_rows_and_jsonl_records_with_missing_keys(tmp_path):
+    (tmp_path / "ragged.csv").write_text("text,label\na,x\nb,y,extra\n")
+    with pytest.raises(DatasetError, match="ragged.csv: line 3 has 3 fields, the header has 2"):
+        load_text_dataset(tmp_path / "ragged.csv")
+    (tmp_path / "mixed.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2, "user": "u7"}\n')
+    data = load_text_dataset(tmp_path / "mixed.jsonl")
+    assert data.labels == [1, 2] and data.columns == {"user": [None, "u7"]}
