@@ -84,8 +84,10 @@ def main() -> None:
                 "dataset": "bbc-news",
                 "max_examples": args.round_examples + 160,
                 "validation_fraction": 160 / (args.round_examples + 160),
+                "client_test_fraction": 0.0,
+                "partition": {"kind": "iid", "num_clients": 4},
             },
-            "federation": {"num_clients": 4, "rounds": 1},
+            "federation": {"rounds": 1},
             "training": {"max_length": args.max_length, "batch_size": args.batch_size, "threads": args.threads},
         }
     )
