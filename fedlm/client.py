@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -82,9 +82,7 @@ class FedClient:
         )
         self.model = model
         self.tokenizer = (
-            tokenizer
-            if tokenizer is not None
-            else load_tokenizer(getattr(model, "name_or_path", ""), owner=f"client {self.name or '(unnamed)'}")
+            tokenizer if tokenizer is not None else load_tokenizer(getattr(model, "name_or_path", ""), owner)
         )
         self.label_map: LabelMap | None = None
         self.step_callback: Callable[[int, int], None] | None = None
@@ -113,7 +111,7 @@ class FedClient:
         label_map.check_fits(self.model.config.num_labels, owner=f"client {self.name}")
         self.label_map = label_map
 
-    def encoded(self, split: str = "train") -> EncodedDataset:
+    def encoded(self, split: Literal["train", "test"] = "train") -> EncodedDataset:
         """Tokenized examples of the train or test split. Tokenized on demand, not kept: a simulation
         of thousands of clients holds their text, never all their tokens at once."""
         if self.label_map is None:

@@ -211,6 +211,18 @@ class FedServer:
         chosen = torch.randperm(len(self.clients), generator=generator)[:count]
         return [self.clients[index] for index in sorted(chosen.tolist())]
 
+    def evaluate_global_model(
+        self, validation: EncodedDataset | None, clients_per_evaluation: int | None = None
+    ) -> dict[str, Any]:
+        """`val_*` metrics on the federated validation set (if any) and `client_*` metrics on the test
+        splits of `clients_per_evaluation` clients (all when None, none when 0)."""
+        metrics: dict[str, Any] = {}
+        if validation is not None:
+            metrics.update({f"val_{key}": value for key, value in self.evaluate(validation).items()})
+        if clients_per_evaluation != 0:
+            metrics.update(self.evaluate_clients(clients_per_evaluation))
+        return metrics
+
     def evaluate_clients(self, clients_per_evaluation: int | None = None) -> dict[str, Any]:
         """The global model on each (sampled) client's own test split: per-client results and their
         distribution (mean, weighted mean, worst, 10th percentile, std) of accuracy and macro-F1."""
@@ -287,10 +299,7 @@ class FedServer:
 
         # 5. evaluate: federated validation set, then the clients' own test splits
         eval_start = time.perf_counter()
-        if validation is not None:
-            record.update({f"val_{key}": value for key, value in self.evaluate(validation).items()})
-        if clients_per_evaluation != 0:
-            record.update(self.evaluate_clients(clients_per_evaluation))
+        record.update(self.evaluate_global_model(validation, clients_per_evaluation))
         record["eval_seconds"] = time.perf_counter() - eval_start
 
         # 6. record

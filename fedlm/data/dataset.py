@@ -177,7 +177,9 @@ def _records_to_columns(records: Iterable, owner: str, source: str) -> dict[str,
     count = 0
     for record in records:
         if not isinstance(record, dict):
-            raise DatasetError(f"{owner}: {source} must hold one object (dict) per example, example {count} is {type(record).__name__}")
+            raise DatasetError(
+                f"{owner}: {source} must hold one object (dict) per example, example {count} is {type(record).__name__}"
+            )
         for name in record.keys() - columns.keys():
             columns[name] = [None] * count
         for name, values in columns.items():

@@ -80,15 +80,14 @@ def run_simulation(
             if on_round_end is not None:
                 on_round_end(record)
 
-        if simulation.validation is not None:
-            initial = {f"val_{key}": value for key, value in server.evaluate(simulation.validation).items()}
-            record_round({"round": 0, **initial})
+        clients_per_evaluation = config.federation.clients_per_evaluation
+        record_round({"round": 0, **server.evaluate_global_model(simulation.validation, clients_per_evaluation)})
         history = server.fit(
             rounds=config.federation.rounds,
             local_epochs=config.training.local_epochs,
             clients_per_round=config.federation.clients_per_round,
             validation=simulation.validation,
-            clients_per_evaluation=config.federation.clients_per_evaluation,
+            clients_per_evaluation=clients_per_evaluation,
             on_round_end=record_round,
         )
     server.save(output / "model")
