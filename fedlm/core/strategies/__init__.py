@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fedlm.core.strategies.base import Strategy
-from fedlm.core.strategies.fedavg import FedAvg
+from fedlm.core.strategies.fedavg import FedAvg, FedAvgM, FedProx
+from fedlm.core.strategies.fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
+from fedlm.core.strategies.scaffold import Scaffold
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
@@ -17,6 +19,27 @@ def register_strategy(name: str, strategy_class: type[Strategy]) -> None:
     STRATEGIES[name] = strategy_class
 
 
-register_strategy("fedavg", FedAvg)
+for _name, _class in {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedprox": FedProx,
+    "fedadagrad": FedAdagrad,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "scaffold": Scaffold,
+}.items():
+    register_strategy(_name, _class)
 
-__all__ = ["STRATEGIES", "FedAvg", "Strategy", "register_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedOpt",
+    "FedProx",
+    "FedYogi",
+    "Scaffold",
+    "Strategy",
+    "register_strategy",
+]
