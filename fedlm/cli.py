@@ -59,13 +59,15 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     if "bytes_up" in record:
         parts.append(f"up {_megabytes(record['bytes_up'])}  down {_megabytes(record['bytes_down'])}")
     if record.get("dropped"):
-        parts.append(f"[yellow]dropped {', '.join(item['client'] for item in record['dropped'])}[/]")
+        parts.append(
+            f"[yellow]dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)[/]"
+        )
     if record.get("skipped"):
         parts.append("[yellow]skipped: too few valid updates[/]")
     return "  ".join(parts)
 
 
-def _run(config: RunConfig) -> None:
+def _run(config: RunConfig, resume: bool = False) -> None:
     from fedlm.runtime.local import build_simulation, run_simulation
 
     logging.basicConfig(
@@ -104,7 +106,7 @@ def _run(config: RunConfig) -> None:
             if record["round"] > 0:
                 progress.advance(rounds_bar)
 
-        history = run_simulation(simulation, on_round_end=on_round_end)
+        history = run_simulation(simulation, on_round_end=on_round_end, resume=resume)
     last = history[-1]
     if "val_accuracy" in last:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
@@ -152,13 +154,14 @@ def _fail(error: FedlmError) -> None:
 def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="the run config (YAML)"),
     output_dir: Path | None = typer.Option(None, help="overrides output_dir in the config"),
+    resume: bool = typer.Option(False, help="continue from the checkpoint in the output folder"),
 ) -> None:
     """Run a federated fine-tuning simulation described by CONFIG."""
     try:
         config = load_config(config_path)
         if output_dir is not None:
             config = config.model_copy(update={"output_dir": output_dir})
-        _run(config)
+        _run(config, resume)
     except FedlmError as error:
         _fail(error)
 

@@ -10,11 +10,12 @@ from typing import Any, Literal
 
 import torch
 
+from fedlm.core.params import unflatten
 from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
-from fedlm.models.federated import get_federated_vector, set_federated_vector
+from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes
 from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
@@ -31,6 +32,7 @@ class TrainingOptions:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     device: str = "cpu"
+    optimizer: Literal["adamw", "sgd"] = "adamw"
 
     def __post_init__(self) -> None:
         for field_name in ("batch_size", "max_length"):
@@ -40,6 +42,8 @@ class TrainingOptions:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
 
@@ -86,7 +90,8 @@ class FedClient:
         )
         self.label_map: LabelMap | None = None
         self.step_callback: Callable[[int, int], None] | None = None
-        self._reference: torch.Tensor | None = None
+        self.control_variate: torch.Tensor | None = None  # SCAFFOLD's c_i, kept between rounds
+        self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
 
@@ -125,26 +130,24 @@ class FedClient:
     def get_parameters(self) -> torch.Tensor:
         return get_federated_vector(self.model)
 
-    def set_parameters(self, parameters: torch.Tensor) -> None:
-        """Load global parameters; the next update is measured from them."""
-        set_federated_vector(self.model, parameters)
-        self._reference = parameters
-
-    def mark_synced(self, parameters: torch.Tensor) -> None:
-        """Record that the (shared) model already holds `parameters`, without reloading them."""
-        self._reference = parameters
+    def receive(self, ins: FitIns, load_parameters: bool = True) -> None:
+        """Take the round's global parameters and instructions (FedProx's mu, SCAFFOLD's server
+        control); the next update is measured from these parameters. `load_parameters=False`
+        when this client's (shared) model already holds them."""
+        if load_parameters:
+            set_federated_vector(self.model, ins.parameters)
+        self._instructions = ins
 
     # ---- the seed API ------------------------------------------------------------------------
 
     def local_train(self, epochs: int = 1) -> dict[str, float]:
         """Train on this client's data for `epochs`; the update waits for `aggregate_parameters`."""
-        if self._reference is None:
-            self._reference = self.get_parameters()
+        if self._instructions is None:
+            self._instructions = FitIns(self.get_parameters(), {})
         self._local_train_calls += 1
         seed = derive_seed(self.options.seed, self._local_train_calls, self.name)
-        metrics = self._train(epochs, seed)
-        self._pending = FitRes(self.get_parameters() - self._reference, len(self.data), metrics)
-        return metrics
+        self._pending = self._train(self._instructions, epochs, seed)
+        return self._pending.metrics
 
     def take_update(self) -> FitRes | None:
         """The update from `local_train` since the last call, or None if the client has not trained."""
@@ -157,8 +160,7 @@ class FedClient:
         """Load the global parameters, train for `ins.config['epochs']`, return the delta."""
         set_federated_vector(self.model, ins.parameters)
         seed = derive_seed(ins.config.get("seed", self.options.seed), ins.config.get("round", 0), self.name)
-        metrics = self._train(int(ins.config.get("epochs", 1)), seed)
-        return FitRes(self.get_parameters() - ins.parameters, len(self.data), metrics)
+        return self._train(ins, int(ins.config.get("epochs", 1)), seed)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""
@@ -174,19 +176,23 @@ class FedClient:
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def _train(self, epochs: int, seed: int) -> dict[str, float]:
+    def _train(self, ins: FitIns, epochs: int, seed: int) -> FitRes:
+        """Local training from `ins.parameters` (already loaded), with FedProx's proximal term
+        and SCAFFOLD's gradient correction when `ins` asks for them."""
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"client {self.name}: epochs must be a positive integer, got {epochs!r}")
         data, options = self.encoded(), self.options
         model = self.model.to(options.device)
         params = [param for param in model.parameters() if param.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=options.learning_rate,
-        )
+        spec = federated_spec(model)
+        proximal_mu = float(ins.config.get("proximal_mu", 0.0))
+        centers = unflatten(ins.parameters, spec) if proximal_mu > 0 else None
+        correction = None
+        if ins.config.get("scaffold"):
+            if self.control_variate is None:
+                self.control_variate = torch.zeros_like(ins.parameters)
+            correction = unflatten(ins.tensors["server_control"] - self.control_variate, spec)
+        optimizer = self._optimizer(params)
         steps_per_epoch = -(-len(data) // options.batch_size)
         total_steps, step, loss_sum = epochs * steps_per_epoch, 0, torch.zeros((), device=options.device)
         start = time.perf_counter()
@@ -200,6 +206,8 @@ class FedClient:
                     batch = {key: value.to(options.device) for key, value in batch.items()}
                     loss = model(**batch).loss
                     loss.backward()
+                    if centers is not None or correction is not None:
+                        self._adjust_gradients(params, proximal_mu, centers, correction)
                     if options.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
                     optimizer.step()
@@ -209,10 +217,39 @@ class FedClient:
                     if self.step_callback is not None:
                         self.step_callback(step, total_steps)
         seconds = time.perf_counter() - start
-        return {
+        metrics = {
             "loss": float(loss_sum) / (epochs * len(data)),
             "num_examples": len(data),
             "steps": step,
             "seconds": seconds,
             "samples_per_second": epochs * len(data) / seconds,
         }
+        delta = self.get_parameters() - ins.parameters
+        extras = {}
+        if correction is not None:
+            # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
+            new_control = self.control_variate - ins.tensors["server_control"] - delta / (step * options.learning_rate)
+            extras["control_delta"] = new_control - self.control_variate
+            self.control_variate = new_control
+        return FitRes(delta, len(data), metrics, extras)
+
+    @staticmethod
+    @torch.no_grad()
+    def _adjust_gradients(params, proximal_mu, centers, correction) -> None:
+        for index, param in enumerate(params):
+            if centers is not None:  # gradient of mu/2 ||w - w_global||^2
+                param.grad.add_(param - centers[index], alpha=proximal_mu)
+            if correction is not None:  # SCAFFOLD: g - c_i + c
+                param.grad.add_(correction[index])
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        options = self.options
+        if options.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=options.learning_rate, weight_decay=options.weight_decay)
+        return torch.optim.AdamW(
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
+            lr=options.learning_rate,
+        )

@@ -104,16 +104,78 @@ class DataConfig(Section):
 
 class FederationConfig(Section):
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round; all when omitted")
+    fraction: float | None = Field(None, gt=0, le=1, description="or the share of clients sampled per round")
     clients_per_evaluation: int | None = Field(
         None, ge=0, description="clients whose test split is evaluated each round; all when omitted, 0 for none"
     )
     rounds: int = Field(3, ge=1, description="federated rounds")
     min_clients: int = Field(1, ge=1, description="fewest valid updates a round needs to aggregate")
+    round_timeout: float | None = Field(None, gt=0, description="seconds; later updates are dropped as timed out")
+    checkpoint_every: int = Field(1, ge=0, description="write a checkpoint every this many rounds; 0 never")
+
+    @model_validator(mode="after")
+    def _one_sample_size(self) -> FederationConfig:
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give clients_per_round or fraction, not both")
+        return self
 
 
-class StrategyConfig(Section):
-    kind: Literal["fedavg"] = Field("fedavg", description="aggregation strategy")
-    server_lr: float = Field(1.0, gt=0, description="server learning rate applied to the mean update")
+class MedianConfig(Section):
+    kind: Literal["median"]
+
+
+class TrimmedMeanConfig(Section):
+    kind: Literal["trimmed_mean"]
+    beta: float = Field(0.1, ge=0, lt=0.5, description="share of clients trimmed from each end, per coordinate")
+
+
+class KrumConfig(Section):
+    kind: Literal["krum"]
+    num_malicious: int = Field(0, ge=0, description="clients assumed malicious (f)")
+    to_keep: int = Field(1, ge=1, description="1 for Krum, m > 1 for Multi-Krum")
+
+
+RobustConfig = Annotated[MedianConfig | TrimmedMeanConfig | KrumConfig, Field(discriminator="kind")]
+
+
+class StrategyBase(Section):
+    robust: RobustConfig | None = Field(None, description="a robust aggregate in front of the server step")
+    clip_norm: float | None = Field(None, gt=0, description="scale each client delta to at most this L2 norm")
+
+
+class FedAvgConfig(StrategyBase):
+    kind: Literal["fedavg"] = "fedavg"
+    server_lr: float = Field(1.0, gt=0)
+
+
+class FedAvgMConfig(StrategyBase):
+    kind: Literal["fedavgm"]
+    server_lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class FedProxConfig(StrategyBase):
+    kind: Literal["fedprox"]
+    mu: float = Field(0.01, ge=0, description="weight of the proximal term mu/2 ||w - w_global||^2")
+    server_lr: float = Field(1.0, gt=0)
+
+
+class FedOptConfig(StrategyBase):
+    kind: Literal["fedadagrad", "fedadam", "fedyogi"]
+    server_lr: float = Field(1e-2, gt=0)
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="adaptivity: added to sqrt(v)")
+
+
+class ScaffoldConfig(StrategyBase):
+    kind: Literal["scaffold"]
+    server_lr: float = Field(1.0, gt=0)
+
+
+StrategyConfig = Annotated[
+    FedAvgConfig | FedAvgMConfig | FedProxConfig | FedOptConfig | ScaffoldConfig, Field(discriminator="kind")
+]
 
 
 class TrainingConfig(Section):
@@ -123,6 +185,8 @@ class TrainingConfig(Section):
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer; SCAFFOLD assumes sgd")
+    device: str = Field("cpu", description="torch device for training and evaluation, e.g. cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
 
 
@@ -135,7 +199,7 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: StrategyConfig = FedAvgConfig()
     training: TrainingConfig = TrainingConfig()
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol, Self
 import torch
 
 from fedlm import wire
+from fedlm.errors import ClientError
 
 
 @dataclass
@@ -27,17 +28,18 @@ class _Instructions:
     KIND: ClassVar[str]
     parameters: torch.Tensor
     config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's server control
     _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_bytes(self) -> bytes:
         if self._payload is None:
-            self._payload = wire.encode(self.KIND, {"parameters": self.parameters}, self.config)
+            self._payload = wire.encode(self.KIND, {**self.tensors, "parameters": self.parameters}, self.config)
         return self._payload
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Self:
         tensors, meta = wire.decode(data, cls.KIND)
-        return cls(parameters=tensors["parameters"], config=meta)
+        return cls(parameters=tensors.pop("parameters"), config=meta, tensors=tensors)
 
 
 class FitIns(_Instructions):
@@ -59,15 +61,17 @@ class FitRes:
     delta: torch.Tensor
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
 
     def to_bytes(self) -> bytes:
         meta = {"num_examples": self.num_examples, "metrics": self.metrics}
-        return wire.encode("fit_res", {"delta": self.delta}, meta)
+        return wire.encode("fit_res", {**self.extras, "delta": self.delta}, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FitRes:
         tensors, meta = wire.decode(data, "fit_res")
-        return cls(delta=tensors["delta"], num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
+        delta = tensors.pop("delta")
+        return cls(delta=delta, num_examples=int(meta["num_examples"]), metrics=meta["metrics"], extras=tensors)
 
 
 @dataclass
@@ -103,18 +107,22 @@ class ByteCounter:
 
 
 class LoopbackProxy:
-    """An in-process transport: encodes each message to bytes and decodes it on the other side."""
+    """An in-process transport: encodes each message to bytes and decodes it on the other side.
+    A reply larger than `max_reply_bytes` is refused before it is decoded."""
 
-    def __init__(self, client: ClientProtocol) -> None:
+    def __init__(self, client: ClientProtocol, max_reply_bytes: int | None = None) -> None:
         self.client = client
         self.name = client.name
         self.bytes = ByteCounter()
+        self.max_reply_bytes = max_reply_bytes
 
     def fit(self, ins: FitIns) -> FitRes:
         payload = ins.to_bytes()
         self.bytes.down += len(payload)
         reply = self.client.fit(FitIns.from_bytes(payload)).to_bytes()
         self.bytes.up += len(reply)
+        if self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
+            raise ClientError(f"reply of {len(reply):,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes")
         return FitRes.from_bytes(reply)
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:

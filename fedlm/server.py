@@ -53,6 +53,7 @@ class FedServer:
         *,
         seed: int = 0,
         min_clients: int = 1,
+        round_timeout: float | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
@@ -62,6 +63,7 @@ class FedServer:
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
+        self.round_timeout = round_timeout
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self._name_clients()
@@ -71,7 +73,9 @@ class FedServer:
         self._check_models()
         self.label_map = self._build_label_map()
         self.global_params = get_federated_vector(self._model)
-        self._proxies = {client.name: LoopbackProxy(client) for client in self.clients}
+        # an update and at most two strategy vectors of the same size, plus headers
+        max_reply_bytes = 3 * 4 * self.spec.numel + (1 << 20)
+        self._proxies = {client.name: LoopbackProxy(client, max_reply_bytes) for client in self.clients}
         self._eval_model: torch.nn.Module | None = None
         self.broadcast_model()
 
@@ -110,14 +114,18 @@ class FedServer:
     # ---- the seed API ------------------------------------------------------------------------
 
     def broadcast_model(self) -> None:
-        """Load the global parameters into every client (once per distinct model object)."""
+        """Send the global parameters and the strategy's round instructions to every client
+        (parameters are loaded once per distinct model object)."""
+        ins = self._fit_instructions(self.round + 1, local_epochs=1)
         loaded: set[int] = set()
         for client in self.clients:
-            if id(client.model) in loaded:
-                client.mark_synced(self.global_params)
-            else:
-                client.set_parameters(self.global_params)
-                loaded.add(id(client.model))
+            client.receive(ins, load_parameters=id(client.model) not in loaded)
+            loaded.add(id(client.model))
+
+    def _fit_instructions(self, round_number: int, local_epochs: int) -> FitIns:
+        config, tensors = self.strategy.configure_fit(self.global_params)
+        base = {"round": round_number, "epochs": local_epochs, "seed": self.seed}
+        return FitIns(self.global_params, {**base, **config}, tensors)
 
     def aggregate_parameters(self) -> dict[str, Any]:
         """FedAvg (or the configured strategy) over the clients that trained since the last call."""
@@ -268,17 +276,26 @@ class FedServer:
         bytes_before = self._bytes_moved()
 
         # 1-3. train the sampled clients; keep the valid updates
-        ins = FitIns(self.global_params, {"round": round_number, "epochs": local_epochs, "seed": self.seed})
+        ins = self._fit_instructions(round_number, local_epochs)
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
+        deadline = None if self.round_timeout is None else start + self.round_timeout
         for client in self.sample_clients(round_number, clients_per_round):
+            if deadline is not None and time.perf_counter() > deadline:
+                self._drop(round_number, client.name, "not started: the round deadline had passed", dropped)
+                continue
             try:
                 result = self._proxies[client.name].fit(ins)
             except Exception as error:  # a failing client must not end the run
-                logger.warning(
-                    "round %d: client %s dropped: %s: %s", round_number, client.name, type(error).__name__, error
+                self._drop(round_number, client.name, f"{type(error).__name__}: {error}", dropped)
+                continue
+            if deadline is not None and time.perf_counter() > deadline:
+                self._drop(
+                    round_number,
+                    client.name,
+                    f"timed out: answered after the {self.round_timeout} s round deadline",
+                    dropped,
                 )
-                dropped.append({"client": client.name, "reason": f"{type(error).__name__}: {error}"})
                 continue
             self._accept(client.name, result, updates, dropped)
         record: dict[str, Any] = {"round": round_number, "clients": len(updates), "dropped": dropped}
@@ -311,20 +328,24 @@ class FedServer:
         self.history.append(record)
         return record
 
+    @staticmethod
+    def _drop(round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
+        logger.warning("round %d: client %s dropped: %s", round_number, name, reason)
+        dropped.append({"client": name, "reason": reason})
+
     def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:
         problem = self._update_problem(result)
         if problem:
-            logger.warning("round %d: client %s dropped: %s", self.round + 1, name, problem)
-            dropped.append({"client": name, "reason": problem})
+            self._drop(self.round + 1, name, problem, dropped)
         else:
-            updates.append(ClientUpdate(result.delta, result.num_examples, result.metrics))
+            updates.append(ClientUpdate(result.delta, result.num_examples, result.metrics, result.extras))
 
     def _update_problem(self, result: FitRes) -> str | None:
-        delta = result.delta
-        if delta.dtype != torch.float32 or delta.dim() != 1 or delta.numel() != self.spec.numel:
-            return f"update has dtype {delta.dtype} and shape {list(delta.shape)}, expected float32 [{self.spec.numel}]"
-        if not torch.isfinite(delta.sum()) and not torch.isfinite(delta).all():  # fast path first
-            return "update contains NaN or infinite values"
+        for name, vector in {"update": result.delta, **result.extras}.items():
+            if vector.dtype != torch.float32 or vector.dim() != 1 or vector.numel() != self.spec.numel:
+                return f"{name} has dtype {vector.dtype} and shape {list(vector.shape)}, expected float32 [{self.spec.numel}]"
+            if not torch.isfinite(vector.sum()) and not torch.isfinite(vector).all():  # fast path first
+                return f"{name} contains NaN or infinite values"
         if result.num_examples < 1:
             return f"update reports {result.num_examples} training examples, expected >= 1"
         return None

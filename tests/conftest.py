@@ -66,3 +66,34 @@ def load_tiny(tiny_model_dir):
         return load_classifier(str(tiny_model_dir), num_labels=num_labels, seed=seed)
 
     return load
+
+
+@pytest.fixture
+def config_data_factory(tmp_path, tiny_model_dir):
+    """Run-config dicts over a CSV of synthetic topics and the tiny model."""
+    import csv
+
+    path = tmp_path / "topics.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(make_records(400, seed=0))
+
+    def make(num_clients: int = 4, rounds: int = 3, **sections) -> dict:
+        data = {
+            "seed": 3,
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "dataset": str(path),
+                "validation_fraction": 0.25,
+                "partition": {"kind": "iid", "num_clients": num_clients},
+            },
+            "federation": {"rounds": rounds},
+            "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
+        }
+        for name, values in sections.items():
+            data[name] = {**data.get(name, {}), **values}
+        return data
+
+    return make

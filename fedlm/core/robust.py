@@ -106,3 +106,10 @@ def clip_to_norm(updates: list[ClientUpdate], max_norm: float) -> list[ClientUpd
             update = ClientUpdate(update.delta * (max_norm / norm), update.num_examples, update.metrics, update.extras)
         clipped.append(update)
     return clipped
+
+
+ROBUST_AGGREGATES: dict[str, type[RobustAggregate]] = {
+    "median": CoordinateMedian,
+    "trimmed_mean": TrimmedMean,
+    "krum": Krum,
+}

@@ -110,7 +110,13 @@ def check_validation_labels(federated: FederatedData) -> None:
         )
 
 
-def check_clients_per_round(config: RunConfig, num_clients: int) -> None:
-    per_round = config.federation.clients_per_round
-    if per_round is not None and per_round > num_clients:
-        raise ConfigError(f"federation.clients_per_round ({per_round}) exceeds the number of clients ({num_clients})")
+def resolve_clients_per_round(config: RunConfig, num_clients: int) -> int | None:
+    """Clients sampled per round from `clients_per_round` or `fraction` (None: all of them)."""
+    federation = config.federation
+    if federation.fraction is not None:
+        return max(1, int(federation.fraction * num_clients))
+    if federation.clients_per_round is not None and federation.clients_per_round > num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round ({federation.clients_per_round}) exceeds the number of clients ({num_clients})"
+        )
+    return federation.clients_per_round

@@ -36,7 +36,7 @@ def test_clients_are_data_sharing_one_model(config_data):
     assert len(simulation.validation) == 100
     assert sum(len(client.data) for client in clients) + sum(len(client.test_data) for client in clients) == 300
     assert all(len(client.test_data) == round(0.1 * (len(client.data) + len(client.test_data))) for client in clients)
-    assert all(client._reference is simulation.server.global_params for client in clients)
+    assert all(client._instructions.parameters is simulation.server.global_params for client in clients)
 
 
 def test_same_config_gives_bit_identical_models_and_another_seed_does_not(config_data):

@@ -37,7 +37,16 @@ def test_defaults_and_a_full_config(tmp_path):
             {"data": {"partition": {"kind": "zipf"}}},
             "data.partition: Input tag 'zipf' .* expected tags: 'iid', 'dirichlet'",
         ),
-        ({"strategy": {"kind": "fedsgd"}}, "strategy.kind: Input should be 'fedavg'"),
+        (
+            {"strategy": {"kind": "fedsgd"}},
+            "strategy: Input tag 'fedsgd' .* expected tags: 'fedavg', 'fedavgm', 'fedprox'",
+        ),
+        ({"strategy": {"kind": "fedadam", "mu": 0.1}}, "strategy.fedadam.mu: Extra inputs are not permitted"),
+        (
+            {"strategy": {"kind": "fedavg", "robust": {"kind": "trimmed_mean", "beta": 0.5}}},
+            "strategy.fedavg.robust.trimmed_mean.beta",
+        ),
+        ({"federation": {"clients_per_round": 2, "fraction": 0.5}}, "give clients_per_round or fraction, not both"),
         ({"version": 9}, "config version 9 is newer"),
     ],
 )

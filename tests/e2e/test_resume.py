@@ -1,0 +1,87 @@
+"""Exact checkpoint and resume: 6 rounds equal 3 rounds + kill + resume, bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from fedlm.config import parse_config
+from fedlm.errors import ConfigError
+from fedlm.runtime import build_simulation, run_simulation
+
+
+def start_run(folder, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlm", "run", "run.yaml", "--output-dir", "out", *extra],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def checkpoint_round(folder):
+    try:
+        return json.loads((folder / "out" / "checkpoint" / "state.json").read_text())["round"]
+    except (OSError, ValueError):
+        return -1
+
+
+@pytest.mark.parametrize("strategy", [{"kind": "fedadam", "server_lr": 0.01}, {"kind": "scaffold"}])
+def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, strategy):
+    data = config_data_factory(num_clients=4, rounds=6, strategy=strategy, federation={"clients_per_round": 3})
+    if strategy["kind"] == "scaffold":
+        data["training"]["optimizer"] = "sgd"
+    data["training"]["local_epochs"] = 1
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for folder in (straight, interrupted):
+        folder.mkdir()
+        (folder / "run.yaml").write_text(yaml.safe_dump(data))
+
+    assert start_run(straight).wait(timeout=300) == 0
+    process = start_run(interrupted)
+    deadline = time.time() + 300
+    while checkpoint_round(interrupted) < 3 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = checkpoint_round(interrupted)
+    assert 3 <= killed_at < 6, f"the run was not killed between rounds (checkpoint at round {killed_at})"
+
+    resumed = start_run(interrupted, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    final = [
+        load_file(folder / "out" / "checkpoint" / "global.safetensors")["parameters"]
+        for folder in (straight, interrupted)
+    ]
+    assert final[0].equal(final[1])
+    metrics = [(folder / "out" / "metrics.jsonl").read_text().splitlines() for folder in (straight, interrupted)]
+    assert [json.loads(line)["round"] for line in metrics[1]] == list(range(7))
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k}  # noqa: E731
+    assert [strip(line) for line in metrics[0]] == [strip(line) for line in metrics[1]]
+
+
+def test_resume_refuses_a_missing_corrupt_or_foreign_checkpoint(config_data_factory, tmp_path):
+    data = config_data_factory(num_clients=2, rounds=1)
+    with pytest.raises(ConfigError, match="cannot resume: no checkpoint in .*checkpoint"):
+        run_simulation(build_simulation(parse_config(data)), resume=True)
+    run_simulation(build_simulation(parse_config(data)))
+
+    changed = {**data, "training": {**data["training"], "learning_rate": 1e-2}}
+    with pytest.raises(ConfigError, match=r"different config \(training.learning_rate: 0.003 then, 0.01 now\)"):
+        run_simulation(build_simulation(parse_config(changed)), resume=True)
+
+    longer = {**data, "federation": {**data["federation"], "rounds": 2}}
+    history = run_simulation(build_simulation(parse_config(longer)), resume=True)
+    assert [record["round"] for record in history] == [1, 2]
+
+    (tmp_path / "run" / "checkpoint" / "global.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="checkpoint .* is corrupt"):
+        run_simulation(build_simulation(parse_config(data)), resume=True)
