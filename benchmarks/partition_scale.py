@@ -42,7 +42,7 @@ def partition_speed(num_examples: int) -> list[dict]:
             "shards k=2": ShardsPartitioner(num_clients, labels_per_client=2),
         }
         for name, partitioner in schemes.items():
-            best = min(_timed(lambda: partitioner.partition(labels)) for _ in range(3))
+            best = min(_timed(lambda p=partitioner: p.partition(labels)) for _ in range(3))
             rows.append({"scheme": name, "examples": num_examples, "clients": num_clients, "seconds": best})
     return rows
 
