@@ -39,7 +39,8 @@ class Strategy(ABC):
         return {}, {}
 
     def combined_delta(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        """Clip, then aggregate robustly or by the example-weighted mean."""
+        """Clip, then aggregate robustly or by the example-weighted mean; a fresh vector that the
+        strategy may overwrite in place."""
         if self.clip_norm is not None:
             updates = clip_to_norm(updates, self.clip_norm)
         return self.robust(updates) if self.robust is not None else weighted_mean_delta(updates)

@@ -25,7 +25,10 @@ class FedAvg(Strategy):
         self.server_lr = server_lr
 
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        return global_params + self.server_lr * self.combined_delta(updates)
+        new = self.combined_delta(updates)
+        if self.server_lr != 1.0:
+            new.mul_(self.server_lr)
+        return new.add_(global_params)
 
 
 class FedAvgM(FedAvg):
@@ -44,10 +47,10 @@ class FedAvgM(FedAvg):
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         pseudo_gradient = self.combined_delta(updates).neg_()
         if self.velocity is None:
-            self.velocity = pseudo_gradient
+            self.velocity = pseudo_gradient.clone()
         else:
             self.velocity.mul_(self.momentum).add_(pseudo_gradient)
-        return global_params - self.server_lr * self.velocity
+        return torch.add(global_params, self.velocity, alpha=-self.server_lr, out=pseudo_gradient)
 
 
 class FedProx(FedAvg):

@@ -17,6 +17,8 @@ import torch
 from fedlm.core.strategies.base import Strategy
 from fedlm.core.update import ClientUpdate
 
+BLOCK = 1 << 17  # coordinates per fused step
+
 
 class FedOpt(Strategy):
     """m <- beta_1 m + (1 - beta_1) delta; v <- second_moment(v, delta);
@@ -37,37 +39,42 @@ class FedOpt(Strategy):
         self.second_moment: torch.Tensor | None = None
 
     @abstractmethod
-    def update_second_moment(self, delta: torch.Tensor) -> None: ...
+    def update_second_moment(self, second_moment: torch.Tensor, delta: torch.Tensor) -> None:
+        """Update `second_moment` in place from `delta` (both one block of coordinates)."""
 
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         delta = self.combined_delta(updates)
         if self.first_moment is None:
             self.first_moment = torch.zeros_like(delta)
             self.second_moment = torch.zeros_like(delta)
-        self.first_moment.mul_(self.beta_1).add_(delta, alpha=1 - self.beta_1)
-        self.update_second_moment(delta)
-        denominator = self.second_moment.sqrt().add_(self.tau)
-        return torch.addcdiv(global_params, self.first_moment, denominator, value=self.server_lr)
+        # One block at a time, so the moments and the step stay in cache; the step reuses delta's memory.
+        for start in range(0, delta.numel(), BLOCK):
+            d, m, v = (vector[start : start + BLOCK] for vector in (delta, self.first_moment, self.second_moment))
+            m.mul_(self.beta_1).add_(d, alpha=1 - self.beta_1)
+            self.update_second_moment(v, d)
+            torch.sqrt(v, out=d).add_(self.tau)
+            torch.div(m, d, out=d).mul_(self.server_lr).add_(global_params[start : start + BLOCK])
+        return delta
 
 
 class FedAdagrad(FedOpt):
     """v <- v + delta^2 (beta_2 unused)."""
 
-    def update_second_moment(self, delta: torch.Tensor) -> None:
-        self.second_moment.addcmul_(delta, delta)
+    def update_second_moment(self, second_moment: torch.Tensor, delta: torch.Tensor) -> None:
+        second_moment.addcmul_(delta, delta)
 
 
 class FedAdam(FedOpt):
     """v <- beta_2 v + (1 - beta_2) delta^2."""
 
-    def update_second_moment(self, delta: torch.Tensor) -> None:
-        self.second_moment.mul_(self.beta_2).addcmul_(delta, delta, value=1 - self.beta_2)
+    def update_second_moment(self, second_moment: torch.Tensor, delta: torch.Tensor) -> None:
+        second_moment.mul_(self.beta_2).addcmul_(delta, delta, value=1 - self.beta_2)
 
 
 class FedYogi(FedOpt):
     """v <- v - (1 - beta_2) delta^2 sign(v - delta^2)."""
 
-    def update_second_moment(self, delta: torch.Tensor) -> None:
+    def update_second_moment(self, second_moment: torch.Tensor, delta: torch.Tensor) -> None:
         squared = delta * delta
-        sign = torch.sign(self.second_moment - squared)
-        self.second_moment.addcmul_(squared, sign, value=-(1 - self.beta_2))
+        sign = torch.sign(second_moment - squared)
+        second_moment.addcmul_(squared, sign, value=-(1 - self.beta_2))

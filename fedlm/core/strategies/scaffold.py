@@ -43,4 +43,4 @@ class Scaffold(Strategy):
             self.server_control = torch.zeros_like(global_params)
         for update in updates:
             self.server_control.add_(update.extras["control_delta"], alpha=1 / self.num_clients)
-        return global_params + self.server_lr * self.combined_delta(updates)
+        return self.combined_delta(updates).mul_(self.server_lr).add_(global_params)
