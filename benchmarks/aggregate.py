@@ -104,7 +104,8 @@ def main() -> None:
             "krum": FedAvg(robust=Krum(num_malicious=2)),
         }
         timings = {
-            name: best_of(lambda s=strategy: s.aggregate(global_params, updates)) for name, strategy in ours.items()
+            name: best_of(lambda s=strategy, g=global_params, u=updates: s.aggregate(g, u))
+            for name, strategy in ours.items()
         }
         theirs = {} if args.skip_flower else flower_timings(global_params, updates, with_krum=count <= 10)
         for name, seconds in timings.items():
@@ -121,7 +122,6 @@ def main() -> None:
                 }
             )
         rows[-5]["fedavg_peak_extra_mb"] = fedavg_extra_mb
-        del updates
 
     table = Table(title=f"Aggregating {args.size:,} float32 parameters; copy bandwidth {bandwidth:.1f} GB/s")
     for column in ("clients", "strategy", "seconds", "GB/s read", "of copy", "Flower (s)", "vs Flower"):
