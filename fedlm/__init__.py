@@ -14,8 +14,11 @@ _EXPORTS = {
     "FedClient": "fedlm.client",
     "TrainingOptions": "fedlm.client",
     "FedServer": "fedlm.server",
-    "FedAvg": "fedlm.core.strategies",
-    "Strategy": "fedlm.core.strategies",
+    **{
+        name: "fedlm.core.strategies"
+        for name in ("FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "Scaffold", "Strategy")
+    },
+    **{name: "fedlm.core.robust" for name in ("CoordinateMedian", "TrimmedMean", "Krum")},
     "ClientError": "fedlm.errors",
     "ConfigError": "fedlm.errors",
     "DatasetError": "fedlm.errors",

@@ -103,8 +103,7 @@ def _run(config: RunConfig, resume: bool = False) -> None:
 
         def on_round_end(record: dict[str, Any]) -> None:
             progress.console.print(round_line(record, rounds))
-            if record["round"] > 0:
-                progress.advance(rounds_bar)
+            progress.update(rounds_bar, completed=record["round"])
 
         history = run_simulation(simulation, on_round_end=on_round_end, resume=resume)
     last = history[-1]

@@ -145,3 +145,16 @@ def test_state_dict_round_trips_and_resumes_identically(name):
     assert torch.equal(w, w_resumed)
     with pytest.raises(ValueError, match="has no state"):
         make().load_state_dict({"nonsense": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 10, 17, 33, 50])
+def test_sorting_network_sorts_every_column(count):
+    from fedlm.core.robust import _sorted_blocks
+
+    generator = torch.Generator().manual_seed(count)
+    deltas = [torch.randn(300, generator=generator) for _ in range(count)]
+    deltas[0][:10] = deltas[-1][:10]  # ties
+    originals = [d.clone() for d in deltas]
+    ((_, _, rows),) = _sorted_blocks([ClientUpdate(d, 1) for d in deltas])
+    assert torch.equal(torch.stack(rows), torch.stack(originals).sort(dim=0).values)
+    assert all(torch.equal(d, o) for d, o in zip(deltas, originals)), "the clients' deltas must not be modified"
