@@ -6,6 +6,8 @@ import torch
 
 from fedlm.core.update import ClientUpdate
 
+BLOCK = 1 << 19  # coordinates per block of the weighted sum
+
 
 def weighted_mean_delta(updates: list[ClientUpdate]) -> torch.Tensor:
     """The example-count-weighted mean of the client deltas: sum_k (n_k / n) delta_k, in one
@@ -15,7 +17,11 @@ def weighted_mean_delta(updates: list[ClientUpdate]) -> torch.Tensor:
     total = sum(update.num_examples for update in updates)
     if total <= 0:
         raise ValueError("the updates hold no training examples (sum of num_examples is 0)")
-    mean = torch.mul(updates[0].delta, updates[0].num_examples / total)  # a fresh vector, owned by the caller
-    for update in updates[1:]:
-        mean.add_(update.delta, alpha=update.num_examples / total)
+    weights = [update.num_examples / total for update in updates]
+    mean = torch.empty_like(updates[0].delta)  # a fresh vector, owned by the caller
+    for start in range(0, mean.numel(), BLOCK):  # the block of the sum stays in cache while K deltas stream in
+        block = mean[start : start + BLOCK]
+        torch.mul(updates[0].delta[start : start + BLOCK], weights[0], out=block)
+        for update, weight in zip(updates[1:], weights[1:]):
+            block.add_(update.delta[start : start + BLOCK], alpha=weight)
     return mean

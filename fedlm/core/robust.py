@@ -13,7 +13,8 @@ import torch
 
 from fedlm.core.update import ClientUpdate
 
-BLOCK = 1 << 16  # coordinates per block: K rows of a block stay in cache
+BLOCK = 1 << 17  # coordinates per block: K rows of a block stay in cache
+GRAM_BLOCK = 1 << 18  # coordinates per matrix product in Krum
 
 
 class RobustAggregate(ABC):
@@ -46,17 +47,38 @@ def sorting_network(count: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def _sorted_blocks(updates: list[ClientUpdate]):
-    """Yield (start, end, rows) per block of coordinates, where rows[r] holds every coordinate's
-    r-th smallest client value. Sorting K values per coordinate with a network of elementwise
-    min/max over whole blocks is several times faster than torch.sort along a K-long axis."""
-    pairs = sorting_network(len(updates))
+@functools.cache
+def selection_network(count: int, outputs: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The comparators of `sorting_network(count)` that can affect the `outputs` positions."""
+    needed, kept = set(outputs), []
+    for low, high in reversed(sorting_network(count)):
+        if low in needed or high in needed:
+            kept.append((low, high))
+            needed |= {low, high}
+    return tuple(reversed(kept))
+
+
+def _ranked_blocks(updates: list[ClientUpdate], ranks, total: torch.Tensor | None = None):
+    """Yield (start, end, rows) per block of coordinates, where rows[r] for r in `ranks` holds
+    every coordinate's r-th smallest client value (and `total`, if given, the sum over clients).
+    A comparator network of elementwise min/max over whole blocks, in place in one buffer, is
+    several times faster than torch.sort along K."""
+    count = len(updates)
+    pairs = selection_network(count, tuple(ranks))
     size = updates[0].delta.numel()
+    buffer = torch.empty(count + 1, min(BLOCK, size), dtype=updates[0].delta.dtype)
     for start in range(0, size, BLOCK):
         end = min(start + BLOCK, size)
-        rows = [update.delta[start:end] for update in updates]  # views: only ever replaced, never written
+        rows = [buffer[index, : end - start] for index in range(count + 1)]
+        for row, update in zip(rows, updates):
+            row.copy_(update.delta[start:end])
+        if total is not None:
+            torch.sum(buffer[:count, : end - start], dim=0, out=total[start:end])
+        spare = rows[count]
         for low, high in pairs:
-            rows[low], rows[high] = torch.minimum(rows[low], rows[high]), torch.maximum(rows[low], rows[high])
+            torch.minimum(rows[low], rows[high], out=spare)
+            torch.maximum(rows[low], rows[high], out=rows[high])
+            rows[low], spare = spare, rows[low]
         yield start, end, rows
 
 
@@ -66,8 +88,9 @@ class CoordinateMedian(RobustAggregate):
 
     def __call__(self, updates: list[ClientUpdate]) -> torch.Tensor:
         count = len(updates)
+        middle = range(count // 2, count // 2 + 1) if count % 2 else range(count // 2 - 1, count // 2 + 1)
         out = torch.empty_like(updates[0].delta)
-        for start, end, rows in _sorted_blocks(updates):
+        for start, end, rows in _ranked_blocks(updates, middle):
             if count % 2:
                 out[start:end] = rows[count // 2]
             else:
@@ -85,15 +108,17 @@ class TrimmedMean(RobustAggregate):
         self.beta = beta
 
     def __call__(self, updates: list[ClientUpdate]) -> torch.Tensor:
-        cut = int(self.beta * len(updates))
-        kept = len(updates) - 2 * cut
+        count = len(updates)
+        cut = int(self.beta * count)
         out = torch.empty_like(updates[0].delta)
-        for start, end, rows in _sorted_blocks(updates):
+        # the kept values' sum is the total minus the `cut` smallest and largest, which needs a
+        # smaller selection network than ranking all the kept values
+        extremes = [*range(cut), *range(count - cut, count)]
+        for start, end, rows in _ranked_blocks(updates, extremes, total=out):
             block = out[start:end]
-            block.copy_(rows[cut])
-            for row in rows[cut + 1 : cut + kept]:
-                block.add_(row)
-            block.div_(kept)
+            for row in (rows[rank] for rank in extremes):
+                block.sub_(row)
+            block.div_(count - 2 * cut)
         return out
 
 
@@ -114,8 +139,8 @@ class Krum(RobustAggregate):
         count = len(updates)
         gram = torch.zeros(count, count, dtype=torch.float64)
         size = updates[0].delta.numel()
-        for start in range(0, size, BLOCK):
-            block = torch.stack([update.delta[start : start + BLOCK] for update in updates]).double()
+        for start in range(0, size, GRAM_BLOCK):
+            block = torch.stack([update.delta[start : start + GRAM_BLOCK] for update in updates]).double()
             gram += block @ block.T
         squared_norms = gram.diagonal()
         distances = (squared_norms[:, None] + squared_norms[None, :] - 2 * gram).clamp_(min=0)

@@ -149,12 +149,15 @@ def test_state_dict_round_trips_and_resumes_identically(name):
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 10, 17, 33, 50])
 def test_sorting_network_sorts_every_column(count):
-    from fedlm.core.robust import _sorted_blocks
+    from fedlm.core.robust import _ranked_blocks
 
     generator = torch.Generator().manual_seed(count)
     deltas = [torch.randn(300, generator=generator) for _ in range(count)]
     deltas[0][:10] = deltas[-1][:10]  # ties
     originals = [d.clone() for d in deltas]
-    ((_, _, rows),) = _sorted_blocks([ClientUpdate(d, 1) for d in deltas])
-    assert torch.equal(torch.stack(rows), torch.stack(originals).sort(dim=0).values)
+    ((_, _, rows),) = _ranked_blocks([ClientUpdate(d, 1) for d in deltas], range(count))
+    assert torch.equal(torch.stack(rows[:count]), torch.stack(originals).sort(dim=0).values)
+    middle = range(count // 2, count // 2 + 1)  # a selection network sorts just enough
+    ((_, _, rows),) = _ranked_blocks([ClientUpdate(d, 1) for d in deltas], middle)
+    assert torch.equal(rows[count // 2], torch.stack(originals).sort(dim=0).values[count // 2])
     assert all(torch.equal(d, o) for d, o in zip(deltas, originals)), "the clients' deltas must not be modified"

@@ -50,10 +50,10 @@ class FedOpt(Strategy):
         # One block at a time, so the moments and the step stay in cache; the step reuses delta's memory.
         for start in range(0, delta.numel(), BLOCK):
             d, m, v = (vector[start : start + BLOCK] for vector in (delta, self.first_moment, self.second_moment))
-            m.mul_(self.beta_1).add_(d, alpha=1 - self.beta_1)
+            m.lerp_(d, 1 - self.beta_1)  # beta_1 m + (1 - beta_1) d
             self.update_second_moment(v, d)
             torch.sqrt(v, out=d).add_(self.tau)
-            torch.div(m, d, out=d).mul_(self.server_lr).add_(global_params[start : start + BLOCK])
+            torch.addcdiv(global_params[start : start + BLOCK], m, d, value=self.server_lr, out=d)
         return delta
 
 
