@@ -1,32 +1,18 @@
 """`fedlm run`'s simulation: data-only clients on one model replica, determinism, the run folder."""
 
-import csv
 import json
 
 import pytest
 import torch
 
-from conftest import make_records
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation, run_simulation
 
 
 @pytest.fixture
-def config_data(tmp_path, tiny_model_dir):
-    path = tmp_path / "topics.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(make_records(400, seed=0))
-    return {
-        "seed": 3,
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"dataset": str(path), "validation_fraction": 0.25, "partition": {"kind": "iid", "num_clients": 4}},
-        "federation": {"clients_per_round": 3, "rounds": 3},
-        "training": {"local_epochs": 2, "learning_rate": 3e-3, "max_length": 32},
-    }
+def config_data(config_data_factory):
+    return config_data_factory(num_clients=4, rounds=3, federation={"clients_per_round": 3})
 
 
 def test_clients_are_data_sharing_one_model(config_data):
