@@ -99,6 +99,10 @@ class DataConfig(Section):
     def _has_source(self) -> DataConfig:
         if self.partition.kind != "predefined" and self.dataset is None:
             raise ValueError(f"a {self.partition.kind} partition needs a dataset to split")
+        if self.partition.kind == "predefined" and "dataset" in self.model_fields_set and self.dataset is not None:
+            raise ValueError("a predefined partition reads its clients' files; remove data.dataset")
+        if self.partition.kind == "predefined" and self.max_examples is not None:
+            raise ValueError("max_examples does not apply to a predefined partition (each client keeps its file)")
         return self
 
 

@@ -31,6 +31,11 @@ def test_defaults_and_a_full_config(tmp_path):
         ({"data": {"partition": {"kind": "natural"}}}, "data.partition.natural.column: Field required"),
         ({"data": {"partition": {"kind": "predefined"}}}, "give exactly one of 'clients'"),
         ({"data": {"dataset": None}}, "a iid partition needs a dataset"),
+        ({"data": {"dataset": "x.csv", "partition": {"kind": "predefined", "folder": "c"}}}, "remove data.dataset"),
+        (
+            {"data": {"max_examples": 9, "partition": {"kind": "predefined", "folder": "c"}}},
+            "max_examples does not apply",
+        ),
         ({"training": {"learning_rate": "fast"}}, "training.learning_rate: Input should be a valid number"),
         ({"training": {"lr": 0.1}}, "training.lr: Extra inputs are not permitted"),
         (
