@@ -20,6 +20,22 @@ TOPIC_WORDS = {
 FILLER = "the a of to in and is was for on with as by at from it this that said new one year people time".split()
 
 
+def run_fedlm(*args: str, cwd: Path, timeout: int = 600):
+    """Run the `fedlm` command as a user does, in `cwd`; returns the completed process."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "fedlm", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_metrics(run_folder: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
+
+
 def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[dict]:
     """`num` short texts; each mixes filler words with three words of its topic."""
     rng = random.Random(seed)

@@ -1,18 +1,14 @@
 """The command line, run as a user runs it."""
 
 import json
-import subprocess
-import sys
 
 import yaml
 
-from conftest import make_records
+from conftest import make_records, run_fedlm
 
 
 def fedlm(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "fedlm.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
+    return run_fedlm(*args, cwd=cwd, timeout=300)
 
 
 def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import read_metrics, run_fedlm
+
 pytestmark = pytest.mark.real_model
 
 
@@ -47,15 +49,9 @@ def test_seed_example_on_minilm_and_bbc_news(tmp_path):
 def test_demo_runs_and_saves_a_model_that_predicts_the_same(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlm.cli", "demo", "--rounds", "1", "--output-dir", "demo"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fedlm("demo", "--rounds", "1", "--output-dir", "demo", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "demo")
     assert lines[1]["val_accuracy"] > lines[0]["val_accuracy"] + 0.25
     assert "round 1/1" in result.stdout
 

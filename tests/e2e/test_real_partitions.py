@@ -1,12 +1,12 @@
 """`fedlm run` on the example configs (shortened): non-IID BBC News and a multilingual natural split."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from conftest import read_metrics, run_fedlm
 
 pytestmark = pytest.mark.real_model
 CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
@@ -17,15 +17,9 @@ def run_shortened(name, tmp_path, **changes):
     for section, values in changes.items():
         config[section] = {**config.get(section, {}), **values}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "fedlm", "run", "run.yaml", "--output-dir", "out"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_fedlm("run", "run.yaml", "--output-dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(tmp_path / "out")
     return result.stdout, lines, json.loads((tmp_path / "out" / "partition.json").read_text())
 
 
