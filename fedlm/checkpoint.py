@@ -17,6 +17,7 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fedlm.client import FedClient
 from fedlm.errors import ConfigError
 from fedlm.server import FedServer
 
@@ -36,7 +37,7 @@ def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any
     client_state = {
         f"{client.name}/control_variate": client.control_variate.contiguous()
         for client in server.clients
-        if client.control_variate is not None
+        if getattr(client, "control_variate", None) is not None  # remote clients keep theirs
     }
     save_file(client_state, temporary / "clients.safetensors")
     state = {
@@ -94,7 +95,8 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
     except ValueError as error:
         raise ConfigError(f"cannot resume: checkpoint {folder}: {error}") from None
     for client in server.clients:
-        client.control_variate = client_state.get(f"{client.name}/control_variate")
+        if isinstance(client, FedClient):  # remote clients keep their own state
+            client.control_variate = client_state.get(f"{client.name}/control_variate")
     server.round = state["round"]
     server.history = state["history"]
     return state["records"]

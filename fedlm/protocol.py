@@ -1,45 +1,71 @@
 """The one small protocol between the server and its clients.
 
-The round loop only ever calls `fit` and `evaluate` on objects that follow `ClientProtocol`.
-In process, `LoopbackProxy` wraps a `FedClient` and sends every message through its wire bytes,
-so what crosses is exactly what a network transport would carry and the byte counts are measured,
-not estimated; a deployment runtime supplies proxies that send the same bytes over the network.
+A client answers `fit` and `evaluate` (`ClientProtocol`); the round loop reaches clients only
+through a `ClientTransport`, which sends one round's instructions to many clients and brings back
+each one's reply or the reason it has none. In process, `LoopbackTransport` sends every message
+through its wire bytes, so what crosses is exactly what a network transport would carry and the
+byte counts are measured, not estimated; the Flower runtime's transport sends the same messages
+through Flower's deployment engine.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
 from fedlm import wire
-from fedlm.errors import ClientError
+from fedlm.errors import WireError
+
+
+class WireMessage:
+    """A message as named tensors plus JSON metadata (`to_parts`), and as wire bytes."""
+
+    KIND: ClassVar[str]
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Self:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        return wire.encode(self.KIND, *self.to_parts())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        return cls.from_parts(*wire.decode(data, cls.KIND))
 
 
 @dataclass
-class _Instructions:
+class _Instructions(WireMessage):
     """Global parameters plus a config (round number, local epochs, ...), sent by the server.
 
     One instance goes to every client sampled in a round, so its bytes are encoded once and
     reused; treat it as read-only once sent.
     """
 
-    KIND: ClassVar[str]
     parameters: torch.Tensor
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's server control
     _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
-    def to_bytes(self) -> bytes:
-        if self._payload is None:
-            self._payload = wire.encode(self.KIND, {**self.tensors, "parameters": self.parameters}, self.config)
-        return self._payload
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {**self.tensors, "parameters": self.parameters}, self.config
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
-        tensors, meta = wire.decode(data, cls.KIND)
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Self:
+        tensors = dict(tensors)
         return cls(parameters=tensors.pop("parameters"), config=meta, tensors=tensors)
+
+    def to_bytes(self) -> bytes:
+        if self._payload is None:
+            self._payload = wire.encode(self.KIND, *self.to_parts())
+        return self._payload
 
 
 class FitIns(_Instructions):
@@ -55,7 +81,7 @@ class EvaluateIns(_Instructions):
 
 
 @dataclass
-class FitRes:
+class FitRes(WireMessage):
     """A client's update (delta from the parameters it received), its example count and metrics."""
 
     delta: torch.Tensor
@@ -63,33 +89,63 @@ class FitRes:
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
 
-    def to_bytes(self) -> bytes:
-        meta = {"num_examples": self.num_examples, "metrics": self.metrics}
-        return wire.encode("fit_res", {**self.extras, "delta": self.delta}, meta)
+    KIND: ClassVar[str] = "fit_res"
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {**self.extras, "delta": self.delta}, {"num_examples": self.num_examples, "metrics": self.metrics}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> FitRes:
-        tensors, meta = wire.decode(data, "fit_res")
-        delta = tensors.pop("delta")
-        return cls(delta=delta, num_examples=int(meta["num_examples"]), metrics=meta["metrics"], extras=tensors)
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> FitRes:
+        extras = dict(tensors)
+        delta = extras.pop("delta")
+        return cls(delta=delta, num_examples=int(meta["num_examples"]), metrics=meta["metrics"], extras=extras)
 
 
 @dataclass
-class EvaluateRes:
+class EvaluateRes(WireMessage):
     num_examples: int
     metrics: dict[str, float]
 
-    def to_bytes(self) -> bytes:
-        return wire.encode("evaluate_res", {}, {"num_examples": self.num_examples, "metrics": self.metrics})
+    KIND: ClassVar[str] = "evaluate_res"
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {"num_examples": self.num_examples, "metrics": self.metrics}
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> EvaluateRes:
-        _, meta = wire.decode(data, "evaluate_res")
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> EvaluateRes:
         return cls(num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
 
 
+@dataclass
+class ClientInfo(WireMessage):
+    """What a remote client tells the server about itself before the first round."""
+
+    name: str
+    num_examples: int
+    num_test_examples: int
+    labels: list[str]  # label keys of its training data
+
+    KIND: ClassVar[str] = "client_info"
+
+    @property
+    def has_test_data(self) -> bool:
+        return self.num_test_examples > 0
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return {}, {
+            "name": self.name,
+            "num_examples": self.num_examples,
+            "num_test_examples": self.num_test_examples,
+            "labels": self.labels,
+        }
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ClientInfo:
+        return cls(str(meta["name"]), int(meta["num_examples"]), int(meta["num_test_examples"]), list(meta["labels"]))
+
+
 class ClientProtocol(Protocol):
-    """What the server needs from a client, wherever the client runs."""
+    """What a client answers, wherever it runs."""
 
     name: str
 
@@ -100,34 +156,75 @@ class ClientProtocol(Protocol):
 
 @dataclass
 class ByteCounter:
-    """Bytes sent down (server to client) and up (client to server) through one proxy."""
+    """Bytes sent down (server to client) and up (client to server), as serialized."""
 
     down: int = 0
     up: int = 0
 
 
-class LoopbackProxy:
-    """An in-process transport: encodes each message to bytes and decodes it on the other side.
-    A reply larger than `max_reply_bytes` is refused before it is decoded."""
+class ClientTransport(Protocol):
+    """Carries one round's instructions to the named clients and brings their replies back.
 
-    def __init__(self, client: ClientProtocol, max_reply_bytes: int | None = None) -> None:
-        self.client = client
-        self.name = client.name
+    Every named client gets an entry in the answer: its decoded reply, or a string saying why
+    there is none (it raised, answered after `deadline`, sent an oversized or undecodable reply,
+    or went away). `deadline` is a `time.monotonic()` value, None for no deadline.
+    """
+
+    bytes: ByteCounter
+
+    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]: ...
+
+    def evaluate(
+        self, names: Sequence[str], ins: EvaluateIns, deadline: float | None
+    ) -> dict[str, EvaluateRes | str]: ...
+
+
+class LoopbackTransport:
+    """The in-process transport: encodes each message to bytes and decodes it on the other side,
+    one client after the other. A reply larger than `max_reply_bytes` is refused before decoding."""
+
+    def __init__(self, clients: Sequence[ClientProtocol], max_reply_bytes: int | None = None) -> None:
+        self.clients = {client.name: client for client in clients}
         self.bytes = ByteCounter()
         self.max_reply_bytes = max_reply_bytes
 
-    def fit(self, ins: FitIns) -> FitRes:
-        payload = ins.to_bytes()
-        self.bytes.down += len(payload)
-        reply = self.client.fit(FitIns.from_bytes(payload)).to_bytes()
-        self.bytes.up += len(reply)
-        if self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
-            raise ClientError(f"reply of {len(reply):,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes")
-        return FitRes.from_bytes(reply)
+    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
+        return self._exchange(names, ins, deadline, lambda client, data: client.fit(FitIns.from_bytes(data)), FitRes)
 
-    def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
+    def evaluate(
+        self, names: Sequence[str], ins: EvaluateIns, deadline: float | None
+    ) -> dict[str, EvaluateRes | str]:
+        return self._exchange(
+            names, ins, deadline, lambda client, data: client.evaluate(EvaluateIns.from_bytes(data)), EvaluateRes
+        )
+
+    def _exchange(self, names, ins, deadline, handle, reply_type) -> dict[str, Any]:
         payload = ins.to_bytes()
-        self.bytes.down += len(payload)
-        reply = self.client.evaluate(EvaluateIns.from_bytes(payload)).to_bytes()
-        self.bytes.up += len(reply)
-        return EvaluateRes.from_bytes(reply)
+        replies: dict[str, Any] = {}
+        for name in names:
+            if deadline is not None and time.monotonic() > deadline:
+                replies[name] = "not started: the round deadline had passed"
+                continue
+            self.bytes.down += len(payload)
+            try:
+                reply = handle(self.clients[name], payload).to_bytes()
+            except Exception as error:  # a failing client must not end the run
+                replies[name] = f"{type(error).__name__}: {error}"
+                continue
+            self.bytes.up += len(reply)
+            if deadline is not None and time.monotonic() > deadline:
+                replies[name] = "timed out: answered after the round deadline"
+            elif self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:
+                replies[name] = f"reply of {len(reply):,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes"
+            else:
+                replies[name] = decode_reply(reply_type, reply)
+        return replies
+
+
+def decode_reply(reply_type: type[FitRes] | type[EvaluateRes], data: bytes) -> FitRes | EvaluateRes | str:
+    """The decoded reply, or why it cannot be decoded."""
+    try:
+        return reply_type.from_bytes(data)
+    except (WireError, KeyError, TypeError, ValueError) as error:
+        return f"undecodable reply: {type(error).__name__}: {error}"
+

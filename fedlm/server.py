@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from fedlm.client import FedClient
+from fedlm.client import FedClient, TrainingOptions
 from fedlm.core.client_metrics import metric_distribution
+from fedlm.core.params import ParamSpec
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
@@ -32,7 +33,7 @@ from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, FedlmError, ModelError
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import quiet_transformers
-from fedlm.protocol import EvaluateIns, FitIns, FitRes, LoopbackProxy
+from fedlm.protocol import ClientInfo, ClientTransport, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
 logger = logging.getLogger("fedlm")
@@ -41,9 +42,11 @@ logger = logging.getLogger("fedlm")
 class FedServer:
     """Holds the global federated parameters and runs rounds over `clients`.
 
-    On creation it checks that every client's model has the same federated parameters, builds
-    the federation's label map from all clients' labels, and broadcasts the first client's
-    parameters so that every client starts from the same global model.
+    Given `FedClient`s (the seed API and the in-process runtime), it checks that every client's
+    model has the same federated parameters, builds the federation's label map from all clients'
+    labels, and broadcasts the first client's parameters so that every client starts from the
+    same global model; messages go through a `LoopbackTransport`. A deployment runtime builds the
+    server with `over_transport` instead: clients are `ClientInfo`s of remote nodes.
     """
 
     def __init__(
@@ -57,59 +60,65 @@ class FedServer:
     ) -> None:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
+        clients = list(clients)
+        _name_clients(clients)
+        model = clients[0].model
+        spec = federated_spec(model)
+        _check_models(clients, spec)
+        label_map = _build_label_map(model, clients)
+        # an update and at most two strategy vectors of the same size, plus headers
+        transport = LoopbackTransport(clients, max_reply_bytes=3 * 4 * spec.numel + (1 << 20))
+        self._setup(clients, transport, model, clients[0].tokenizer, label_map, clients[0].options)
+        self._configure_rounds(strategy, seed, min_clients, round_timeout)
+        self.broadcast_model()
+
+    @classmethod
+    def over_transport(
+        cls,
+        clients: Sequence[ClientInfo],
+        transport: ClientTransport,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        label_map: LabelMap,
+        options: TrainingOptions,
+        strategy: Strategy | None = None,
+        *,
+        seed: int = 0,
+        min_clients: int = 1,
+        round_timeout: float | None = None,
+    ) -> FedServer:
+        """A server over clients that live elsewhere: `transport` reaches them by name, `model`
+        holds the initial global parameters and evaluates them, `options` sets evaluation's batch
+        size, device and maximum length."""
+        if not clients:
+            raise ConfigError("FedServer needs at least one client")
+        server = cls.__new__(cls)
+        server._setup(list(clients), transport, model, tokenizer, label_map, options)
+        server._configure_rounds(strategy, seed, min_clients, round_timeout)
+        return server
+
+    def _setup(self, clients, transport, model, tokenizer, label_map, options) -> None:
+        self.clients = clients
+        self.transport = transport
+        self.label_map = label_map
+        self.options = options
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self._model = model
+        self._tokenizer = tokenizer
+        self.spec = federated_spec(model)
+        self.global_params = get_federated_vector(model)
+        self._eval_model: torch.nn.Module | None = None
+
+    def _configure_rounds(
+        self, strategy: Strategy | None, seed: int, min_clients: int, round_timeout: float | None
+    ) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
-        self.clients = list(clients)
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
         self.round_timeout = round_timeout
-        self.round = 0
-        self.history: list[dict[str, Any]] = []
-        self._name_clients()
-        self._model = self.clients[0].model
-        self._tokenizer = self.clients[0].tokenizer
-        self.spec = federated_spec(self._model)
-        self._check_models()
-        self.label_map = self._build_label_map()
-        self.global_params = get_federated_vector(self._model)
-        # an update and at most two strategy vectors of the same size, plus headers
-        max_reply_bytes = 3 * 4 * self.spec.numel + (1 << 20)
-        self._proxies = {client.name: LoopbackProxy(client, max_reply_bytes) for client in self.clients}
-        self._eval_model: torch.nn.Module | None = None
-        self.broadcast_model()
-
-    # ---- setup -------------------------------------------------------------------------------
-
-    def _name_clients(self) -> None:
-        for index, client in enumerate(self.clients):
-            if client.name is None:
-                client.name = f"client-{index}"
-        names = [client.name for client in self.clients]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ConfigError(f"client names must be unique; {duplicates} appear more than once (pass name=...)")
-
-    def _check_models(self) -> None:
-        for client in self.clients[1:]:
-            if client.model is self._model:
-                continue
-            difference = self.spec.first_difference(federated_spec(client.model))
-            if difference:
-                raise ModelError(
-                    f"client {client.name}: its model's federated parameters differ from client "
-                    f"{self.clients[0].name}'s: {difference}; every client must load the same architecture"
-                )
-
-    def _build_label_map(self) -> LabelMap:
-        configured = getattr(self._model.config, "label2id", None) or {}
-        if configured and not all(key.startswith("LABEL_") for key in configured):
-            label_map = LabelMap({str(key): int(value) for key, value in configured.items()})
-        else:
-            label_map = LabelMap.from_values(value for client in self.clients for value in client.label_values())
-        for client in self.clients:
-            client.set_label_map(label_map)
-        return label_map
 
     # ---- the seed API ------------------------------------------------------------------------
 
@@ -118,7 +127,7 @@ class FedServer:
         (parameters are loaded once per distinct model object)."""
         ins = self._fit_instructions(self.round + 1, local_epochs=1)
         loaded: set[int] = set()
-        for client in self.clients:
+        for client in self._local_clients("broadcast_model"):
             client.receive(ins, load_parameters=id(client.model) not in loaded)
             loaded.add(id(client.model))
 
@@ -130,7 +139,7 @@ class FedServer:
     def aggregate_parameters(self) -> dict[str, Any]:
         """FedAvg (or the configured strategy) over the clients that trained since the last call."""
         updates, dropped = [], []
-        for client in self.clients:
+        for client in self._local_clients("aggregate_parameters"):
             result = client.take_update()
             if result is not None:
                 self._accept(client.name, result, updates, dropped)
@@ -164,7 +173,7 @@ class FedServer:
     ) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of the global model on a (federated validation) dataset."""
         encoded = self.encode_dataset(dataset, text_column, label_column)
-        options = self.clients[0].options
+        options = self.options
         pad_id = self._tokenizer.pad_token_id or 0
         return evaluate_model(self._global_model(), encoded, options.batch_size, pad_id, options.device)
 
@@ -176,7 +185,7 @@ class FedServer:
             return dataset
         data = load_text_dataset(dataset, text_column, label_column, owner="validation set")
         labels = self.label_map.encode(data.labels, owner=f"validation set {data.source}")
-        return encode(self._tokenizer, data.texts, labels, self.clients[0].options.max_length)
+        return encode(self._tokenizer, data.texts, labels, self.options.max_length)
 
     def _global_model(self) -> torch.nn.Module:
         if self._eval_model is None:
@@ -209,7 +218,7 @@ class FedServer:
                 on_round_end(record)
         return records
 
-    def sample_clients(self, round_number: int, count: int | None, purpose: str = "fit") -> list[FedClient]:
+    def sample_clients(self, round_number: int, count: int | None, purpose: str = "fit") -> list[Any]:
         """`count` clients (all when None), drawn with a seed from the run seed, purpose and round."""
         if count is None or count >= len(self.clients):
             return list(self.clients)
@@ -235,23 +244,14 @@ class FedServer:
         """The global model on each (sampled) client's own test split: per-client results and their
         distribution (mean, weighted mean, worst, 10th percentile, std) of accuracy and macro-F1."""
         ins = EvaluateIns(self.global_params, {"round": self.round})
+        sampled = self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate")
+        names = [client.name for client in sampled if client.has_test_data]
         results = []
-        for client in self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate"):
-            if not client.has_test_data:
-                continue
-            try:
-                result = self._proxies[client.name].evaluate(ins)
-            except Exception as error:  # a failing client must not end the run
-                logger.warning(
-                    "round %d: client %s failed to evaluate: %s: %s",
-                    self.round,
-                    client.name,
-                    type(error).__name__,
-                    error,
-                )
-                continue
-            if result.num_examples > 0:
-                results.append({"client": client.name, "num_examples": result.num_examples, **result.metrics})
+        for name, reply in self.transport.evaluate(names, ins, self._deadline()).items():
+            if isinstance(reply, str):
+                logger.warning("round %d: client %s failed to evaluate: %s", self.round, name, reply)
+            elif reply.num_examples > 0:
+                results.append({"client": name, "num_examples": reply.num_examples, **reply.metrics})
         if not results:
             return {}
         summary: dict[str, Any] = {"clients_evaluated": len(results)}
@@ -273,31 +273,18 @@ class FedServer:
         set and on the test splits of `clients_per_evaluation` clients (all when None, none when 0)."""
         round_number = self.round + 1
         start = time.perf_counter()
-        bytes_before = self._bytes_moved()
+        bytes_before = (self.transport.bytes.down, self.transport.bytes.up)
 
         # 1-3. train the sampled clients; keep the valid updates
         ins = self._fit_instructions(round_number, local_epochs)
+        names = [client.name for client in self.sample_clients(round_number, clients_per_round)]
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
-        deadline = None if self.round_timeout is None else start + self.round_timeout
-        for client in self.sample_clients(round_number, clients_per_round):
-            if deadline is not None and time.perf_counter() > deadline:
-                self._drop(round_number, client.name, "not started: the round deadline had passed", dropped)
-                continue
-            try:
-                result = self._proxies[client.name].fit(ins)
-            except Exception as error:  # a failing client must not end the run
-                self._drop(round_number, client.name, f"{type(error).__name__}: {error}", dropped)
-                continue
-            if deadline is not None and time.perf_counter() > deadline:
-                self._drop(
-                    round_number,
-                    client.name,
-                    f"timed out: answered after the {self.round_timeout} s round deadline",
-                    dropped,
-                )
-                continue
-            self._accept(client.name, result, updates, dropped)
+        for name, reply in self.transport.fit(names, ins, self._deadline()).items():
+            if isinstance(reply, str):
+                self._drop(round_number, name, reply, dropped)
+            else:
+                self._accept(name, reply, updates, dropped)
         record: dict[str, Any] = {"round": round_number, "clients": len(updates), "dropped": dropped}
 
         # 4. aggregate, or skip the round when too few clients remain
@@ -320,9 +307,8 @@ class FedServer:
         record["eval_seconds"] = time.perf_counter() - eval_start
 
         # 6. record
-        bytes_after = self._bytes_moved()
-        record["bytes_down"] = bytes_after[0] - bytes_before[0]
-        record["bytes_up"] = bytes_after[1] - bytes_before[1]
+        record["bytes_down"] = self.transport.bytes.down - bytes_before[0]
+        record["bytes_up"] = self.transport.bytes.up - bytes_before[1]
         record["seconds"] = time.perf_counter() - start
         record["overhead_seconds"] = record["seconds"] - record["eval_seconds"] - record.get("train_seconds", 0.0)
         self.history.append(record)
@@ -350,8 +336,47 @@ class FedServer:
             return f"update reports {result.num_examples} training examples, expected >= 1"
         return None
 
-    def _bytes_moved(self) -> tuple[int, int]:
-        return (sum(p.bytes.down for p in self._proxies.values()), sum(p.bytes.up for p in self._proxies.values()))
+    def _deadline(self) -> float | None:
+        return None if self.round_timeout is None else time.monotonic() + self.round_timeout
+
+    def _local_clients(self, method: str) -> list[FedClient]:
+        if not all(isinstance(client, FedClient) for client in self.clients):
+            raise FedlmError(f"{method} needs FedClient objects; this server's clients are remote, use fit()")
+        return self.clients
+
+
+def _name_clients(clients: list[FedClient]) -> None:
+    for index, client in enumerate(clients):
+        if client.name is None:
+            client.name = f"client-{index}"
+    names = [client.name for client in clients]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(f"client names must be unique; {duplicates} appear more than once (pass name=...)")
+
+
+def _check_models(clients: list[FedClient], spec: ParamSpec) -> None:
+    for client in clients[1:]:
+        if client.model is clients[0].model:
+            continue
+        difference = spec.first_difference(federated_spec(client.model))
+        if difference:
+            raise ModelError(
+                f"client {client.name}: its model's federated parameters differ from client "
+                f"{clients[0].name}'s: {difference}; every client must load the same architecture"
+            )
+
+
+def _build_label_map(model: torch.nn.Module, clients: list[FedClient]) -> LabelMap:
+    """The model's own label names when it has real ones, else every client's labels, sorted."""
+    configured = getattr(model.config, "label2id", None) or {}
+    if configured and not all(key.startswith("LABEL_") for key in configured):
+        label_map = LabelMap({str(key): int(value) for key, value in configured.items()})
+    else:
+        label_map = LabelMap.from_values(value for client in clients for value in client.label_values())
+    for client in clients:
+        client.set_label_map(label_map)
+    return label_map
 
 
 def _train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
