@@ -22,8 +22,8 @@ from fedlm.errors import ConfigError
 from fedlm.server import FedServer
 
 CHECKPOINT_VERSION = 1
-# Config fields a resumed run may change: where it writes and how long it runs.
-RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every")
+# Config fields a resumed run may change: where it writes, how long it runs, how it waits for nodes.
+RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every", "deployment")
 
 
 def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any]], config: dict[str, Any]) -> None:

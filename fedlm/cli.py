@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fedlm.config import RunConfig, load_config, parse_config
 from fedlm.errors import FedlmError
+from fedlm.runtime.rounds import megabytes, round_line
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models."
@@ -39,36 +40,8 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-def _megabytes(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
-
-
-def round_line(record: dict[str, Any], rounds: int) -> str:
-    parts = [f"round {record['round']}/{rounds}"]
-    if "train_loss" in record:
-        parts.append(f"train loss {record['train_loss']:.4f}")
-    if "val_accuracy" in record:
-        parts.append(f"val acc {record['val_accuracy']:.3f}  val f1 {record['val_macro_f1']:.3f}")
-    if "client_accuracy_mean" in record:
-        parts.append(
-            f"client acc mean {record['client_accuracy_mean']:.3f} worst {record['client_accuracy_worst']:.3f} "
-            f"p10 {record['client_accuracy_p10']:.3f}"
-        )
-    if "seconds" in record:
-        parts.append(f"{record['seconds']:.1f} s")
-    if "bytes_up" in record:
-        parts.append(f"up {_megabytes(record['bytes_up'])}  down {_megabytes(record['bytes_down'])}")
-    if record.get("dropped"):
-        parts.append(
-            f"[yellow]dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)[/]"
-        )
-    if record.get("skipped"):
-        parts.append("[yellow]skipped: too few valid updates[/]")
-    return "  ".join(parts)
-
-
 def _run(config: RunConfig, resume: bool = False) -> None:
-    from fedlm.runtime.local import build_simulation, run_simulation
+    from fedlm.runtime import build_simulation, run_federation
 
     logging.basicConfig(
         level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)], format="%(message)s"
@@ -105,14 +78,14 @@ def _run(config: RunConfig, resume: bool = False) -> None:
             progress.console.print(round_line(record, rounds))
             progress.update(rounds_bar, completed=record["round"])
 
-        history = run_simulation(simulation, on_round_end=on_round_end, resume=resume)
+        history = run_federation(simulation, on_round_end=on_round_end, resume=resume)
     last = history[-1]
     if "val_accuracy" in last:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
     total_up = sum(record["bytes_up"] for record in history)
     total_down = sum(record["bytes_down"] for record in history)
     console.print(
-        f"sent up {_megabytes(total_up)}, down {_megabytes(total_down)}; model saved to {Path(config.output_dir) / 'model'}"
+        f"sent up {megabytes(total_up)}, down {megabytes(total_down)}; model saved to {Path(config.output_dir) / 'model'}"
     )
 
 

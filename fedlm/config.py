@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -95,11 +95,20 @@ class DataConfig(Section):
     )
     partition: PartitionConfig = Field(IidPartitionConfig(), description="how the data is split into clients")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_dataset_for_predefined(cls, data: Any) -> Any:
+        partition = data.get("partition") if isinstance(data, dict) else None
+        kind = partition.get("kind") if isinstance(partition, dict) else getattr(partition, "kind", None)
+        if kind == "predefined" and "dataset" not in data:
+            return {**data, "dataset": None}
+        return data
+
     @model_validator(mode="after")
     def _has_source(self) -> DataConfig:
         if self.partition.kind != "predefined" and self.dataset is None:
             raise ValueError(f"a {self.partition.kind} partition needs a dataset to split")
-        if self.partition.kind == "predefined" and "dataset" in self.model_fields_set and self.dataset is not None:
+        if self.partition.kind == "predefined" and self.dataset is not None:
             raise ValueError("a predefined partition reads its clients' files; remove data.dataset")
         if self.partition.kind == "predefined" and self.max_examples is not None:
             raise ValueError("max_examples does not apply to a predefined partition (each client keeps its file)")
@@ -194,6 +203,17 @@ class TrainingConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
 
 
+class DeploymentConfig(Section):
+    """Settings that only the Flower deployment runtime reads (a simulation ignores them)."""
+
+    num_clients: int | None = Field(
+        None, ge=1, description="SuperNodes to wait for; the partition's number of clients when omitted"
+    )
+    node_wait_timeout: float = Field(
+        300.0, gt=0, description="seconds to wait for num_clients SuperNodes before the run fails"
+    )
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
     seed: int = Field(
@@ -205,6 +225,7 @@ class RunConfig(Section):
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = FedAvgConfig()
     training: TrainingConfig = TrainingConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:

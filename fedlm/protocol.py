@@ -191,9 +191,7 @@ class LoopbackTransport:
     def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
         return self._exchange(names, ins, deadline, lambda client, data: client.fit(FitIns.from_bytes(data)), FitRes)
 
-    def evaluate(
-        self, names: Sequence[str], ins: EvaluateIns, deadline: float | None
-    ) -> dict[str, EvaluateRes | str]:
+    def evaluate(self, names: Sequence[str], ins: EvaluateIns, deadline: float | None) -> dict[str, EvaluateRes | str]:
         return self._exchange(
             names, ins, deadline, lambda client, data: client.evaluate(EvaluateIns.from_bytes(data)), EvaluateRes
         )
@@ -227,4 +225,3 @@ def decode_reply(reply_type: type[FitRes] | type[EvaluateRes], data: bytes) -> F
         return reply_type.from_bytes(data)
     except (WireError, KeyError, TypeError, ValueError) as error:
         return f"undecodable reply: {type(error).__name__}: {error}"
-

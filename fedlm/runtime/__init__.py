@@ -1,5 +1,7 @@
-"""Runtimes drive the round loop: in-process simulation (default); a deployment engine later."""
+"""Runtimes build a federation from a config and drive its round loop: the in-process simulation
+(`local`, the default) and Flower's deployment engine (`flower`, needs `fedlm[flower]`)."""
 
-from fedlm.runtime.local import Simulation, build_simulation, run_simulation
+from fedlm.runtime.local import build_simulation
+from fedlm.runtime.rounds import Federation, run_federation
 
-__all__ = ["Simulation", "build_simulation", "run_simulation"]
+__all__ = ["Federation", "build_simulation", "run_federation"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
-from fedlm.runtime import build_simulation, run_simulation
+from fedlm.runtime import build_simulation, run_federation
 
 
 def start_run(folder, *extra):
@@ -91,17 +91,17 @@ def assert_close(actual, expected, where):
 def test_resume_refuses_a_missing_corrupt_or_foreign_checkpoint(config_data_factory, tmp_path):
     data = config_data_factory(num_clients=2, rounds=1)
     with pytest.raises(ConfigError, match="cannot resume: no checkpoint in .*checkpoint"):
-        run_simulation(build_simulation(parse_config(data)), resume=True)
-    run_simulation(build_simulation(parse_config(data)))
+        run_federation(build_simulation(parse_config(data)), resume=True)
+    run_federation(build_simulation(parse_config(data)))
 
     changed = {**data, "training": {**data["training"], "learning_rate": 1e-2}}
     with pytest.raises(ConfigError, match=r"different config \(training.learning_rate: 0.003 then, 0.01 now\)"):
-        run_simulation(build_simulation(parse_config(changed)), resume=True)
+        run_federation(build_simulation(parse_config(changed)), resume=True)
 
     longer = {**data, "federation": {**data["federation"], "rounds": 2}}
-    history = run_simulation(build_simulation(parse_config(longer)), resume=True)
+    history = run_federation(build_simulation(parse_config(longer)), resume=True)
     assert [record["round"] for record in history] == [1, 2]
 
     (tmp_path / "run" / "checkpoint" / "global.safetensors").write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="checkpoint .* is corrupt"):
-        run_simulation(build_simulation(parse_config(data)), resume=True)
+        run_federation(build_simulation(parse_config(data)), resume=True)

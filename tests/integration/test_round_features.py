@@ -99,13 +99,13 @@ def test_oversized_reply_is_refused_before_decoding(load_tiny):
 
 def test_a_run_where_two_of_five_clients_crash_every_round(config_data_factory, caplog):
     from fedlm.config import parse_config
-    from fedlm.runtime import build_simulation, run_simulation
+    from fedlm.runtime import build_simulation, run_federation
 
     simulation = build_simulation(parse_config(config_data_factory(num_clients=5, rounds=3)))
     for client in simulation.server.clients[1:3]:
         client.fit = lambda ins, name=client.name: (_ for _ in ()).throw(OSError(f"{name} lost its disk"))
     with caplog.at_level(logging.WARNING, logger="fedlm"):
-        history = run_simulation(simulation)
+        history = run_federation(simulation)
     assert [record["round"] for record in history] == [1, 2, 3]
     for record in history:
         assert record["clients"] == 3
@@ -119,7 +119,7 @@ def test_a_run_where_two_of_five_clients_crash_every_round(config_data_factory, 
 
 def test_too_few_survivors_skip_the_round_and_keep_the_model(config_data_factory):
     from fedlm.config import parse_config
-    from fedlm.runtime import build_simulation, run_simulation
+    from fedlm.runtime import build_simulation, run_federation
 
     data = config_data_factory(num_clients=3, rounds=2)
     data["federation"]["min_clients"] = 2
@@ -127,7 +127,7 @@ def test_too_few_survivors_skip_the_round_and_keep_the_model(config_data_factory
     for client in simulation.server.clients[:2]:
         client.fit = lambda ins: (_ for _ in ()).throw(RuntimeError("out of memory"))
     before = simulation.server.global_params.clone()
-    history = run_simulation(simulation)
+    history = run_federation(simulation)
     assert all(record.get("skipped") for record in history)
     assert torch.equal(simulation.server.global_params, before)
 

@@ -7,7 +7,7 @@ import torch
 
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
-from fedlm.runtime import build_simulation, run_simulation
+from fedlm.runtime import build_simulation, run_federation
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_run_writes_metrics_config_and_a_reloadable_model(config_data, tmp_path)
     from transformers import AutoModelForSequenceClassification
 
     config = parse_config(config_data)
-    history = run_simulation(build_simulation(config))
+    history = run_federation(build_simulation(config))
     output = tmp_path / "run"
     lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert [line["round"] for line in lines] == [0, 1, 2, 3]

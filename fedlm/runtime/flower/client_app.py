@@ -1,0 +1,155 @@
+"""The client side of the Flower runtime: a Flower ClientApp that answers fedlm's messages on a SuperNode.
+
+Each SuperNode is one client. What it holds comes from its node config
+(`flower-supernode --node-config "dataset='/data/clinic-a.csv'"`):
+
+    dataset        the client's private data: a CSV/TSV/JSONL/JSON/Parquet file or a saved folder (required)
+    test-dataset   its test split; when omitted, `data.client_test_fraction` of `dataset` is held out
+                   with the run seed, exactly as a simulation splits a predefined client's file
+    name           the client's name in the server's logs and metrics (default: the dataset file's stem)
+    model          a bundled model name or local model folder (default: the run config's `model.name`)
+    device         torch device for training and evaluation (default: the run config's `training.device`)
+    text-column, label-column   (default: the run config's `data.text_column` / `data.label_column`)
+
+Everything else (training options, seed) comes from the run config the server was started with.
+The base model is loaded once per process and label count and reused across rounds; the client's
+own state between rounds (SCAFFOLD's control variate) stays on the node, in Flower's per-run
+node state. A client that cannot do what is asked (a missing file, labels the federation does
+not know) replies with an error record that names it, and the server drops it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlm.client import FedClient, TrainingOptions
+from fedlm.config import RunConfig
+from fedlm.core.seeding import derive_seed
+from fedlm.data.dataset import load_text_dataset
+from fedlm.data.federated import ClientData
+from fedlm.data.labels import LabelMap, label_key
+from fedlm.errors import ConfigError
+from fedlm.models import load_classifier, load_tokenizer
+from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, WireMessage
+from fedlm.runtime.federated_data import split_client
+from fedlm.runtime.flower.flower_app import config_from_run_config
+from fedlm.runtime.flower.records import error_record, from_record, to_record
+
+NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column")
+STATE = "fedlm.client_state"
+
+app = ClientApp()
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Who this client is: name, example counts, label keys."""
+    return _answer(message, context, lambda node, _: node.info())
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    def work(node: Node, content: RecordDict) -> WireMessage:
+        ins = from_record(content, FitIns)
+        client = node.client(ins.config["labels"])
+        state = context.state.array_records.get(STATE)
+        client.control_variate = None if state is None else torch.from_numpy(state["control_variate"].numpy())
+        result = client.fit(ins)
+        if client.control_variate is not None:
+            context.state[STATE] = ArrayRecord({"control_variate": Array(client.control_variate.numpy())})
+        return result
+
+    return _answer(message, context, work)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    def work(node: Node, content: RecordDict) -> WireMessage:
+        ins = from_record(content, EvaluateIns)
+        return node.client(ins.config["labels"]).evaluate(ins)
+
+    return _answer(message, context, work)
+
+
+def _answer(message: Message, context: Context, work: Callable[[Node, RecordDict], WireMessage]) -> Message:
+    try:
+        node = node_for(context)
+    except Exception as error:  # the server must hear why, not just that the node failed
+        return Message(error_record(f"{type(error).__name__}: {error}"), reply_to=message)
+    try:
+        return Message(to_record(work(node, message.content)), reply_to=message)
+    except Exception as error:
+        return Message(error_record(f"client {node.data.name}: {type(error).__name__}: {error}"), reply_to=message)
+
+
+class Node:
+    """One SuperNode's client: its data (loaded once) and, once the labels are known, its FedClient."""
+
+    def __init__(self, config: RunConfig, node_config: dict[str, Any]) -> None:
+        unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+        if unknown:
+            raise ConfigError(f"node config has unknown keys {unknown}; valid keys are {list(NODE_CONFIG_KEYS)}")
+        if "dataset" not in node_config:
+            raise ConfigError("node config has no 'dataset': start the SuperNode with --node-config \"dataset='PATH'\"")
+        self.config = config
+        self.node_config = node_config
+        path = str(node_config["dataset"])
+        name = str(node_config.get("name") or Path(path).stem)
+        text_column = node_config.get("text-column", config.data.text_column)
+        label_column = node_config.get("label-column", config.data.label_column)
+        owner = f"client {name}"
+        data = load_text_dataset(path, text_column, label_column, owner=owner)
+        if "test-dataset" in node_config:
+            test = load_text_dataset(node_config["test-dataset"], text_column, label_column, owner=f"{owner} test set")
+            self.data = ClientData(name, data, test)
+        else:
+            self.data = split_client(name, data, config.data.client_test_fraction, config.seed)
+        self._client: FedClient | None = None
+
+    def info(self) -> ClientInfo:
+        labels = sorted({label_key(label) for label in self.data.train.labels})
+        return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels)
+
+    def client(self, label2id: dict[str, int]) -> FedClient:
+        """The FedClient for the federation's label map, with the base model loaded once per process."""
+        label_map = LabelMap({str(key): int(value) for key, value in label2id.items()})
+        if self._client is None or self._client.label_map != label_map:
+            config = self.config
+            model_name = str(self.node_config.get("model", config.model.name))
+            model, tokenizer = _load_model(model_name, label_map.num_labels, derive_seed(config.seed, "init"))
+            options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
+            options["device"] = str(self.node_config.get("device", options["device"]))
+            options["seed"] = config.seed
+            client = FedClient(
+                self.data.train, model, tokenizer, name=self.data.name, test_dataset=self.data.test, **options
+            )
+            client.set_label_map(label_map)
+            self._client = client
+        return self._client
+
+
+_NODES: dict[tuple, Node] = {}
+
+
+def node_for(context: Context) -> Node:
+    """This node's client for this run (built once per process and run)."""
+    key = (context.run_id, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
+    if key not in _NODES:
+        config = config_from_run_config(context.run_config)
+        if config.training.threads is not None:
+            torch.set_num_threads(config.training.threads)
+        _NODES.clear()  # one run at a time: drop the previous run's data
+        _NODES[key] = Node(config, dict(context.node_config))
+    return _NODES[key]
+
+
+@functools.lru_cache(maxsize=2)
+def _load_model(name: str, num_labels: int, seed: int) -> tuple[torch.nn.Module, Any]:
+    return load_classifier(name, num_labels=num_labels, seed=seed), load_tokenizer(name)

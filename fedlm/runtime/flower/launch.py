@@ -1,0 +1,68 @@
+"""Submitting a fedlm run to a SuperLink: what `fedlm run CONFIG --backend flower` does.
+
+It writes the Flower app for the config (`write_flower_app`) and a private Flower CLI home whose
+`config.toml` names the SuperLink connection, then runs `flwr run APP fedlm --stream`, so the
+ServerApp's log streams to this terminal and the exit status is the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fedlm.config import RunConfig
+from fedlm.errors import ConfigError
+from fedlm.runtime.flower.flower_app import write_flower_app
+
+CONNECTION = "fedlm"
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """The config with local relative paths made absolute: the ServerApp runs in another folder
+    (on a SuperLink of the same machine, the same files; on another machine, write absolute paths)."""
+    data = config.data
+    updates = {"output_dir": config.output_dir.absolute()}
+    if data.validation_file is not None and Path(data.validation_file).exists():
+        updates["data"] = data.model_copy(update={"validation_file": str(Path(data.validation_file).absolute())})
+    if Path(config.model.name).exists():
+        updates["model"] = config.model.model_copy(update={"name": str(Path(config.model.name).absolute())})
+    return config.model_copy(update=updates)
+
+
+def launch_flower_run(
+    config: RunConfig,
+    superlink: str,
+    root_certificates: Path | None,
+    insecure: bool = False,
+    resume: bool = False,
+) -> int:
+    """Submit `config` as a run to the SuperLink's control API at `superlink` (HOST:PORT) and stream
+    its log; returns `flwr run`'s exit status."""
+    if (root_certificates is None) == (not insecure):
+        raise ConfigError(
+            "give --root-certificates CA.crt (TLS, the SuperLink's CA) or --insecure (plain text, a laptop only)"
+        )
+    if root_certificates is not None and not root_certificates.is_file():
+        raise ConfigError(f"--root-certificates {root_certificates} does not exist")
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if flwr is None:
+        raise ConfigError("the Flower CLI `flwr` is not installed; pip install 'fedlm[flower]'")
+    with tempfile.TemporaryDirectory(prefix="fedlm-flower-") as folder:
+        app = write_flower_app(Path(folder) / "app", absolute_paths(config), resume)
+        home = Path(folder) / "flwr-home"
+        home.mkdir()
+        connection = {"address": superlink}
+        if insecure:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(root_certificates.absolute())
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in connection.items()]
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "FLWR_HOME": str(home)}
+        return subprocess.call([flwr, "run", str(app), CONNECTION, "--stream"], env=env)

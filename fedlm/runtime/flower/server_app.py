@@ -1,0 +1,151 @@
+"""The server side of the Flower runtime: a Flower ServerApp whose main loop is fedlm's own round loop.
+
+The SuperLink starts this app for a run submitted by `fedlm run CONFIG --backend flower`. It
+waits for the config's number of SuperNodes, asks each who it is (client name, example counts,
+labels; a node that cannot load its data is logged by node id and left out), builds the global
+model and the label map, and then runs exactly the rounds a simulation runs (`run_federation`:
+sampling, deadlines, dropping failed clients, strategies, evaluation, checkpoints, `--resume`),
+with a `FlowerTransport` carrying the messages. Clients are ordered by name, so a deployment
+whose nodes hold the files of a simulation's predefined partition produces the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlm.client import TrainingOptions
+from fedlm.config import PredefinedPartitionConfig, RunConfig
+from fedlm.core.seeding import derive_seed
+from fedlm.data.labels import LabelMap
+from fedlm.errors import ConfigError, FedlmError
+from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models.federated import federated_spec
+from fedlm.runtime.federated_data import resolve_clients_per_round
+from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
+from fedlm.runtime.flower.transport import FlowerTransport, query_clients
+from fedlm.runtime.local import build_strategy
+from fedlm.runtime.rounds import Federation, round_line, run_federation
+from fedlm.server import FedServer
+
+logger = logging.getLogger("fedlm")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fedlm %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        config = config_from_run_config(context.run_config)
+        federation = build_deployment(grid, config)
+        rounds = config.federation.rounds
+        history = run_federation(
+            federation,
+            on_round_end=lambda record: logger.info(round_line(record, rounds)),
+            resume=bool(context.run_config.get(RESUME_KEY, False)),
+        )
+        logger.info("finished %d rounds; model saved to %s", len(history), config.output_dir / "model")
+    except FedlmError as error:
+        logger.error("%s", error)
+        raise
+    finally:
+        logger.removeHandler(handler)
+
+
+def expected_clients(config: RunConfig) -> int:
+    """How many SuperNodes the run waits for: `deployment.num_clients`, else the partition's count."""
+    if config.deployment.num_clients is not None:
+        return config.deployment.num_clients
+    partition = config.data.partition
+    if isinstance(partition, PredefinedPartitionConfig) and partition.clients is not None:
+        return len(partition.clients)
+    if hasattr(partition, "num_clients"):
+        return partition.num_clients
+    raise ConfigError(
+        f"a {partition.kind} partition does not say how many clients there are; set deployment.num_clients"
+    )
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    """The connected SuperNodes' ids once at least `count` are connected; an error after `timeout` s."""
+    deadline, seen = time.monotonic() + timeout, -1
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) != seen:
+            logger.info("%d of %d SuperNodes connected", len(node_ids), count)
+            seen = len(node_ids)
+        if len(node_ids) >= count:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise FedlmError(
+                f"waited {timeout:.0f} s for {count} SuperNodes, saw {len(node_ids)} connected "
+                f"(node ids {node_ids}); start more SuperNodes, or lower deployment.num_clients "
+                f"or raise deployment.node_wait_timeout"
+            )
+        time.sleep(1.0)
+
+
+def build_deployment(grid: Grid, config: RunConfig) -> Federation:
+    """The server side of a deployment: nodes found and named, the global model built."""
+    if config.training.threads is not None:
+        torch.set_num_threads(config.training.threads)
+    if config.data.validation_file is None:
+        logger.info(
+            "no data.validation_file: the global model is evaluated on the clients' test splits only "
+            "(data.validation_fraction applies to a simulation's pooled data, which a deployment does not have)"
+        )
+    node_ids = wait_for_nodes(grid, expected_clients(config), config.deployment.node_wait_timeout)
+    infos, failures = query_clients(grid, node_ids, time.monotonic() + config.deployment.node_wait_timeout)
+    for failure in failures:
+        logger.warning("SuperNode excluded: %s", failure)
+    names = [info.name for _, info in infos]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"SuperNodes must hold clients with distinct names; {duplicates} appear more than once "
+            "(set name=... in each SuperNode's --node-config)"
+        )
+    if len(infos) < config.federation.min_clients:
+        raise FedlmError(
+            f"only {len(infos)} SuperNode(s) can take part, federation.min_clients is "
+            f"{config.federation.min_clients}; see the excluded nodes above"
+        )
+    infos.sort(key=lambda item: item[1].name)
+    clients = [info for _, info in infos]
+    logger.info("clients: %s", ", ".join(f"{info.name} ({info.num_examples} examples)" for info in clients))
+    label_map = LabelMap.from_values(label for info in clients for label in info.labels)
+    model = load_classifier(config.model.name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
+    spec = federated_spec(model)
+    # an update and at most two strategy vectors of the same size, plus headers
+    max_reply_bytes = 3 * 4 * spec.numel + (1 << 20)
+    transport = FlowerTransport(
+        grid, {info.name: node_id for node_id, info in infos}, label_map.label2id, max_reply_bytes
+    )
+    options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
+    server = FedServer.over_transport(
+        clients,
+        transport,
+        model,
+        load_tokenizer(config.model.name),
+        label_map,
+        TrainingOptions(**options, seed=config.seed),
+        build_strategy(config.strategy, len(clients)),
+        seed=config.seed,
+        min_clients=config.federation.min_clients,
+        round_timeout=config.federation.round_timeout,
+    )
+    validation = None
+    if config.data.validation_file is not None:
+        validation = server.encode_dataset(
+            config.data.validation_file, config.data.text_column, config.data.label_column
+        )
+    return Federation(config, server, validation, resolve_clients_per_round(config, len(clients)))

@@ -1,0 +1,125 @@
+"""The server's side of the Flower runtime: fedlm's round loop reaches SuperNodes through the Grid.
+
+`FlowerTransport` is a `ClientTransport`: it pushes one round's instructions to every named
+node at once (they train in parallel), then pulls replies until all are in or the round deadline
+passes. A node that raised, went offline or answered with something that is not a valid fedlm
+reply gets a reason string instead of a result, and the round loop drops it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedlm.errors import WireError
+from fedlm.protocol import ByteCounter, ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, WireMessage
+from fedlm.runtime.flower.records import from_record, record_size, to_record
+
+logger = logging.getLogger("fedlm")
+
+POLL_SECONDS = 0.2
+
+
+class FlowerTransport:
+    """Reaches each client by name at its SuperNode's node id; `labels` (the federation's label
+    map, key to class id) go with every instruction so that nodes encode labels as the server does."""
+
+    def __init__(
+        self, grid: Grid, node_ids: dict[str, int], labels: dict[str, int], max_reply_bytes: int | None = None
+    ) -> None:
+        self.grid = grid
+        self.node_ids = node_ids
+        self.labels = labels
+        self.max_reply_bytes = max_reply_bytes
+        self.bytes = ByteCounter()
+
+    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
+        return self._exchange("train", names, FitIns(ins.parameters, self._config(ins), ins.tensors), FitRes, deadline)
+
+    def evaluate(self, names: Sequence[str], ins: EvaluateIns, deadline: float | None) -> dict[str, EvaluateRes | str]:
+        ins = EvaluateIns(ins.parameters, self._config(ins), ins.tensors)
+        return self._exchange("evaluate", names, ins, EvaluateRes, deadline)
+
+    def _config(self, ins: FitIns | EvaluateIns) -> dict[str, Any]:
+        return {**ins.config, "labels": self.labels}
+
+    def _exchange(
+        self, message_type: str, names: Sequence[str], ins: WireMessage, reply_type: type, deadline: float | None
+    ) -> dict[str, Any]:
+        record = to_record(ins)
+        size = record_size(record)
+        group = str(getattr(ins, "config", {}).get("round", ""))
+        replies, pending = exchange(
+            self.grid, message_type, record, {n: self.node_ids[n] for n in names}, deadline, group
+        )
+        self.bytes.down += size * len(names)
+        answers: dict[str, Any] = {}
+        for name in names:
+            reply = replies.get(name)
+            if reply is None:
+                answers[name] = pending[name]
+                continue
+            if reply.has_error():
+                answers[name] = f"node {self.node_ids[name]}: Flower error {reply.error.code}: {reply.error.reason}"
+                continue
+            reply_size = record_size(reply.content)
+            self.bytes.up += reply_size
+            if self.max_reply_bytes is not None and reply_size > self.max_reply_bytes:
+                answers[name] = f"reply of {reply_size:,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes"
+                continue
+            try:
+                answers[name] = from_record(reply.content, reply_type)
+            except WireError as error:
+                answers[name] = f"node {self.node_ids[name]}: {error}"
+        return answers
+
+
+def exchange(
+    grid: Grid,
+    message_type: str,
+    record: RecordDict,
+    node_ids: dict[str, int],
+    deadline: float | None,
+    group: str = "",
+) -> tuple[dict[str, Message], dict[str, str]]:
+    """Send `record` to every node, wait for replies until `deadline` (None: until all are in).
+    Returns the replies by name and, for names without one, why."""
+    messages = {name: Message(record, node_id, message_type, group_id=group) for name, node_id in node_ids.items()}
+    sent = dict(zip(grid.push_messages(messages.values()), messages))
+    replies: dict[str, Message] = {}
+    while len(replies) < len(sent):
+        waiting = [message_id for message_id, name in sent.items() if name not in replies]
+        for reply in grid.pull_messages(waiting):
+            replies[sent[reply.metadata.reply_to_message_id]] = reply
+        if len(replies) == len(sent) or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(POLL_SECONDS)
+    missing = {name: "timed out: no reply before the round deadline" for name in sent.values() if name not in replies}
+    unsent = {
+        name: "not sent: the SuperLink did not accept the message" for name in node_ids if name not in sent.values()
+    }
+    return replies, {**missing, **unsent}
+
+
+def query_clients(
+    grid: Grid, node_ids: list[int], deadline: float | None
+) -> tuple[list[tuple[int, ClientInfo]], list[str]]:
+    """Ask every node who it is (its client's name, example counts and labels). Returns the
+    answers and, for nodes that failed (e.g. a missing dataset), a line naming the node and why."""
+    named = {str(node_id): node_id for node_id in node_ids}
+    replies, missing = exchange(grid, "query", RecordDict(), named, deadline)
+    infos, failures = [], [f"node {key}: {reason}" for key, reason in missing.items()]
+    for key, reply in replies.items():
+        if reply.has_error():
+            failures.append(f"node {key}: Flower error {reply.error.code}: {reply.error.reason}")
+            continue
+        try:
+            infos.append((named[key], from_record(reply.content, ClientInfo)))
+        except WireError as error:
+            failures.append(f"node {key}: {error}")
+    return infos, failures

@@ -1,0 +1,103 @@
+"""Running a federation's rounds, whatever the transport: the run folder, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlm.checkpoint import load_checkpoint, save_checkpoint
+from fedlm.config import RunConfig
+from fedlm.data.report import write_partition_report
+from fedlm.server import FedServer
+from fedlm.tasks.classification import EncodedDataset
+
+
+@dataclass
+class Federation:
+    """A server ready to run a config's rounds, with its federated validation set, the number of
+    clients sampled per round (None: all) and the partition summary (None when unknown)."""
+
+    config: RunConfig
+    server: FedServer
+    validation: EncodedDataset | None
+    clients_per_round: int | None
+    partition: dict[str, Any] | None = None
+
+
+def run_federation(
+    federation: Federation, on_round_end: Callable[[dict[str, Any]], None] | None = None, resume: bool = False
+) -> list[dict[str, Any]]:
+    """Run the configured rounds, checkpointing after round 0 and every `checkpoint_every` rounds.
+
+    Writes config.yaml, the partition report, metrics.jsonl (round 0 = before training),
+    checkpoint/ and model/ into the output folder. With `resume`, continues from the folder's
+    checkpoint (an error if there is none, it is corrupt, or the config differs). Returns the
+    records of rounds 1 and up.
+    """
+    config, server = federation.config, federation.server
+    output = Path(config.output_dir)
+    checkpoint = output / "checkpoint"
+    config_data = config.model_dump(mode="json")
+    records = load_checkpoint(server, checkpoint, config_data) if resume else []
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(config.to_yaml())
+    if federation.partition is not None:
+        write_partition_report(federation.partition, output)
+    settings = config.federation
+    with (output / "metrics.jsonl").open("w") as metrics_file:
+        metrics_file.writelines(json.dumps(record) + "\n" for record in records)
+
+        def record_round(record: dict[str, Any]) -> None:
+            records.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            due = settings.checkpoint_every and record["round"] % settings.checkpoint_every == 0
+            if record["round"] == 0 or due or record["round"] == settings.rounds:
+                save_checkpoint(server, checkpoint, records, config_data)
+            if on_round_end is not None:
+                on_round_end(record)
+
+        if not records:
+            record_round(
+                {"round": 0, **server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)}
+            )
+        if settings.rounds > server.round:
+            server.fit(
+                rounds=settings.rounds - server.round,
+                local_epochs=config.training.local_epochs,
+                clients_per_round=federation.clients_per_round,
+                validation=federation.validation,
+                clients_per_evaluation=settings.clients_per_evaluation,
+                on_round_end=record_round,
+            )
+    server.save(output / "model")
+    return [record for record in records if record["round"] > 0]
+
+
+def megabytes(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    parts = [f"round {record['round']}/{rounds}"]
+    if "train_loss" in record:
+        parts.append(f"train loss {record['train_loss']:.4f}")
+    if "val_accuracy" in record:
+        parts.append(f"val acc {record['val_accuracy']:.3f}  val f1 {record['val_macro_f1']:.3f}")
+    if "client_accuracy_mean" in record:
+        parts.append(
+            f"client acc mean {record['client_accuracy_mean']:.3f} worst {record['client_accuracy_worst']:.3f} "
+            f"p10 {record['client_accuracy_p10']:.3f}"
+        )
+    if "seconds" in record:
+        parts.append(f"{record['seconds']:.1f} s")
+    if "bytes_up" in record:
+        parts.append(f"up {megabytes(record['bytes_up'])}  down {megabytes(record['bytes_down'])}")
+    if record.get("dropped"):
+        parts.append(f"dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)")
+    if record.get("skipped"):
+        parts.append("skipped: too few valid updates")
+    return "  ".join(parts)
