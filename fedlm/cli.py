@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlm.config import RunConfig, load_config, parse_config
-from fedlm.errors import FedlmError
+from fedlm.errors import ConfigError, FedlmError
 from fedlm.runtime.rounds import megabytes, round_line
 
 app = typer.Typer(
@@ -127,15 +127,52 @@ def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="the run config (YAML)"),
     output_dir: Path | None = typer.Option(None, help="overrides output_dir in the config"),
     resume: bool = typer.Option(False, help="continue from the checkpoint in the output folder"),
+    backend: str = typer.Option(
+        "local", help="local: simulate every client in this process; flower: run on a Flower SuperLink's SuperNodes"
+    ),
+    superlink: str | None = typer.Option(None, help="flower backend: the SuperLink's address, HOST:PORT"),
+    root_certificates: Path | None = typer.Option(
+        None, help="flower backend: the CA certificate that signed the SuperLink's (TLS)"
+    ),
+    insecure: bool = typer.Option(False, help="flower backend: no TLS, for a SuperLink on this laptop only"),
 ) -> None:
-    """Run a federated fine-tuning simulation described by CONFIG."""
+    """Run the federated fine-tuning described by CONFIG, simulated here or on a Flower deployment."""
     try:
         config = load_config(config_path)
         if output_dir is not None:
             config = config.model_copy(update={"output_dir": output_dir})
-        _run(config, resume)
+        if backend == "local":
+            _run(config, resume)
+        elif backend == "flower":
+            if superlink is None:
+                raise ConfigError("--backend flower needs --superlink HOST:PORT (the SuperLink's address)")
+            from fedlm.runtime.flower.launch import launch_flower_run
+
+            status = launch_flower_run(config, superlink, root_certificates, insecure, resume)
+            if status:
+                raise typer.Exit(code=status)
+        else:
+            raise ConfigError(f"--backend must be 'local' or 'flower', got {backend!r}")
     except FedlmError as error:
         _fail(error)
+
+
+@app.command()
+def certs(
+    folder: Path = typer.Argument(..., help="where to write the certificates and keys"),
+    host: list[str] = typer.Option(
+        ["127.0.0.1", "localhost"], help="a name or IP address SuperNodes use to reach the SuperLink (repeat)"
+    ),
+    node: list[str] = typer.Option([], help="also write an authentication key pair for this SuperNode (repeat)"),
+) -> None:
+    """TLS certificates for a SuperLink (and SuperNode authentication keys) for a Flower deployment."""
+    from fedlm.runtime.flower.certs import make_certificates, make_node_keys
+
+    paths = make_certificates(folder, host)
+    for name in node:
+        paths.update(make_node_keys(folder, name))
+    for path in paths.values():
+        console.print(f"wrote {path}")
 
 
 @app.command()

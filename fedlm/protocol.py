@@ -172,6 +172,10 @@ class ClientTransport(Protocol):
 
     bytes: ByteCounter
 
+    def describe(self, name: str) -> str:
+        """The client's name as logs should show it (with its network address or node id)."""
+        ...
+
     def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]: ...
 
     def evaluate(
@@ -187,6 +191,9 @@ class LoopbackTransport:
         self.clients = {client.name: client for client in clients}
         self.bytes = ByteCounter()
         self.max_reply_bytes = max_reply_bytes
+
+    def describe(self, name: str) -> str:
+        return name
 
     def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
         return self._exchange(names, ins, deadline, lambda client, data: client.fit(FitIns.from_bytes(data)), FitRes)

@@ -249,7 +249,9 @@ class FedServer:
         results = []
         for name, reply in self.transport.evaluate(names, ins, self._deadline()).items():
             if isinstance(reply, str):
-                logger.warning("round %d: client %s failed to evaluate: %s", self.round, name, reply)
+                logger.warning(
+                    "round %d: client %s failed to evaluate: %s", self.round, self.transport.describe(name), reply
+                )
             elif reply.num_examples > 0:
                 results.append({"client": name, "num_examples": reply.num_examples, **reply.metrics})
         if not results:
@@ -314,9 +316,8 @@ class FedServer:
         self.history.append(record)
         return record
 
-    @staticmethod
-    def _drop(round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
-        logger.warning("round %d: client %s dropped: %s", round_number, name, reason)
+    def _drop(self, round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
+        logger.warning("round %d: client %s dropped: %s", round_number, self.transport.describe(name), reason)
         dropped.append({"client": name, "reason": reason})
 
     def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:

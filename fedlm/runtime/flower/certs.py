@@ -3,7 +3,7 @@
 `fedlm certs DIR --host superlink.example.org` writes `ca.crt` (give it to every SuperNode and to
 whoever launches runs, `--root-certificates`), and `server.pem` / `server.key` (for the SuperLink,
 `--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key`). `ca.key` signs
-them; keep it offline. For production, certificates from your organisation's CA are better; these
+them; keep it offline. `--node NAME` also writes a SuperNode's authentication key pair. For production, certificates from your organisation's CA are better; these
 are for trying deployment across machines you control and for tests.
 """
 
@@ -51,6 +51,23 @@ def make_certificates(folder: Path, hosts: list[str], valid_days: int = VALID_DA
         "server.key": _write(folder / "server.key", _private_pem(server_key), private=True),
     }
     return paths
+
+
+def make_node_keys(folder: Path, name: str) -> dict[str, Path]:
+    """A SuperNode's authentication key pair in OpenSSH format (EC P-384, what Flower expects):
+    `NAME.key` stays on the SuperNode (`--auth-supernode-private-key`), `NAME.pub` is registered
+    with the SuperLink (`flwr supernode register NAME.pub`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return {
+        f"{name}.key": _write(folder / f"{name}.key", private, private=True),
+        f"{name}.pub": _write(folder / f"{name}.pub", public + f" {name}\n".encode()),
+    }
 
 
 def _builder(subject, issuer, public_key, now, valid_days) -> x509.CertificateBuilder:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,4 +66,44 @@ def launch_flower_run(
         lines += [f"{key} = {json.dumps(value)}" for key, value in connection.items()]
         (home / "config.toml").write_text("\n".join(lines) + "\n")
         env = {**os.environ, "FLWR_HOME": str(home)}
-        return subprocess.call([flwr, "run", str(app), CONNECTION, "--stream"], env=env)
+        run_id = _stream_run(flwr, app, env)
+        if run_id is None:
+            return 1
+        return _run_status(flwr, run_id, env)
+
+
+def _stream_run(flwr: str, app: Path, env: dict[str, str]) -> str | None:
+    """Start the run and echo its log until it ends; returns the run id (None if it did not start)."""
+    process = subprocess.Popen(
+        [flwr, "run", str(app), CONNECTION, "--stream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run_id = None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        match = re.search(r"started run (\d+)", line)
+        if match and run_id is None:
+            run_id = match.group(1)
+    process.wait()
+    return run_id
+
+
+def _run_status(flwr: str, run_id: str, env: dict[str, str]) -> int:
+    """0 when the run finished successfully, else 1 with the SuperLink's account of why.
+    (`flwr run --stream` exits 0 even when the ServerApp fails, so ask the SuperLink.)"""
+    listing = subprocess.run(
+        [flwr, "list", "--run-id", run_id, "--format", "json"], env=env, capture_output=True, text=True
+    )
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        print(f"fedlm: cannot read the status of run {run_id}: {listing.stdout}{listing.stderr}", file=sys.stderr)
+        return 1
+    if run.get("status") == "finished:completed":
+        return 0
+    print(f"fedlm: run {run_id} ended with status {run.get('status')}: {run.get('status-details')}", file=sys.stderr)
+    return 1

@@ -121,7 +121,8 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         )
     infos.sort(key=lambda item: item[1].name)
     clients = [info for _, info in infos]
-    logger.info("clients: %s", ", ".join(f"{info.name} ({info.num_examples} examples)" for info in clients))
+    described = (f"{info.name} (node {node_id}, {info.num_examples} examples)" for node_id, info in infos)
+    logger.info("clients: %s", ", ".join(described))
     label_map = LabelMap.from_values(label for info in clients for label in info.labels)
     model = load_classifier(config.model.name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
     spec = federated_spec(model)

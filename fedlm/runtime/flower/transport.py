@@ -38,6 +38,9 @@ class FlowerTransport:
         self.max_reply_bytes = max_reply_bytes
         self.bytes = ByteCounter()
 
+    def describe(self, name: str) -> str:
+        return f"{name} (node {self.node_ids[name]})"
+
     def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
         return self._exchange("train", names, FitIns(ins.parameters, self._config(ins), ins.tensors), FitRes, deadline)
 
@@ -65,7 +68,7 @@ class FlowerTransport:
                 answers[name] = pending[name]
                 continue
             if reply.has_error():
-                answers[name] = f"node {self.node_ids[name]}: Flower error {reply.error.code}: {reply.error.reason}"
+                answers[name] = f"Flower error {reply.error.code}: {reply.error.reason}"
                 continue
             reply_size = record_size(reply.content)
             self.bytes.up += reply_size
@@ -75,7 +78,7 @@ class FlowerTransport:
             try:
                 answers[name] = from_record(reply.content, reply_type)
             except WireError as error:
-                answers[name] = f"node {self.node_ids[name]}: {error}"
+                answers[name] = str(error)
         return answers
 
 

@@ -1,0 +1,215 @@
+"""Flower deployment end to end on 127.0.0.1: a real SuperLink and SuperNodes (TLS, node
+authentication), `fedlm run --backend flower`, and the faults a federation must survive."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import make_records, read_metrics
+from fedlm.config import load_config
+from fedlm.runtime import build_simulation, run_federation
+from fedlm.runtime.flower.certs import make_certificates
+from fedlm.runtime.flower.flower_app import write_flower_app
+from fedlm.runtime.flower.local_deployment import LocalDeployment
+
+NAMES = ["alpha", "beta", "gamma"]
+APPS = Path(__file__).parent / "flower_apps"
+
+
+@pytest.fixture
+def client_files(tmp_path) -> dict[str, Path]:
+    files = {}
+    for index, name in enumerate(NAMES):
+        files[name] = tmp_path / "data" / f"{name}.csv"
+        files[name].parent.mkdir(exist_ok=True)
+        with files[name].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["text", "label"])
+            writer.writeheader()
+            writer.writerows(make_records(60, seed=index))
+    return files
+
+
+@pytest.fixture
+def write_config(tmp_path, tiny_model_dir, client_files):
+    """Write a run config over the client files (a predefined partition, so that a simulation of
+    the same config holds exactly the SuperNodes' data); `sections` override its sections."""
+
+    def write(name: str = "config", **sections) -> Path:
+        config = {
+            "seed": 3,
+            "output_dir": str(tmp_path / name),
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "validation_fraction": 0.0,
+                "client_test_fraction": 0.2,
+                "partition": {"kind": "predefined", "clients": [str(path) for path in client_files.values()]},
+            },
+            "federation": {"rounds": 2, "round_timeout": 60},
+            "training": {"batch_size": 8, "learning_rate": 1e-3, "max_length": 32, "threads": 1},
+        }
+        for section, values in sections.items():
+            config[section] = {**config.get(section, {}), **values}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    with LocalDeployment(tmp_path / "deployment") as local:
+        yield local
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "deployment")], capture_output=True, text=True)
+    assert not leftovers.stdout.strip(), f"processes left running: {leftovers.stdout}"
+
+
+def start_nodes(deployment: LocalDeployment, files: dict[str, Path]) -> None:
+    for name, path in files.items():
+        deployment.start_node(name, {"dataset": str(path)})
+
+
+def simulate(config_path: Path, output_dir: Path) -> Path:
+    config = load_config(config_path)
+    run_federation(build_simulation(config.model_copy(update={"output_dir": output_dir})))
+    return output_dir
+
+
+def same_model(first: Path, second: Path) -> bool:
+    a, b = load_file(first / "model" / "model.safetensors"), load_file(second / "model" / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_deployment_matches_simulation_bit_for_bit(deployment, write_config, client_files, tmp_path):
+    # SCAFFOLD: the clients' control variates must persist on the nodes between rounds
+    config = write_config(strategy={"kind": "scaffold"}, training={"optimizer": "sgd", "learning_rate": 0.05})
+    start_nodes(deployment, client_files)
+    result = deployment.run(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployed = read_metrics(tmp_path / "config")
+    assert [record["round"] for record in deployed] == [0, 1, 2]
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert deployed[2]["bytes_up"] > 2 * deployed[2]["bytes_down"] / 3  # update plus control delta, per client
+
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    for ours, theirs in zip(deployed, read_metrics(simulated)):
+        assert ours.get("train_loss") == theirs.get("train_loss")
+        assert ours["client_test"] == theirs["client_test"]
+
+
+def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
+    deployment, write_config, client_files, tmp_path
+):
+    config = write_config(federation={"rounds": 2, "round_timeout": 40, "min_clients": 2})
+    start_nodes(deployment, client_files)
+    run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "config" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 300, "round 1")
+    deployment.kill("gamma")
+    output, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, output
+    second = read_metrics(tmp_path / "config")[2]
+    assert second["clients"] == 2 and "train_loss" in second and not second.get("skipped")
+    assert [item["client"] for item in second["dropped"]] == ["gamma"]
+    assert "round 2: client gamma (node " in output and "dropped" in output
+    assert (tmp_path / "config" / "model" / "model.safetensors").exists()
+
+
+def test_misbehaving_and_broken_nodes_are_dropped_and_named(deployment, write_config, client_files, tmp_path):
+    config_path = write_config(federation={"rounds": 1, "round_timeout": 120}, deployment={"num_clients": 6})
+    app = write_flower_app(tmp_path / "faulty-app", load_config(config_path), resume=False)
+    shutil.copy(APPS / "faulty_client_app.py", app)
+    pyproject = (app / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        pyproject.replace('"fedlm.runtime.flower.client_app:app"', '"faulty_client_app:app"')
+    )
+    start_nodes(deployment, {name: client_files[name] for name in ("alpha", "beta")})
+    for name in ("sends-nan", "wrong-shape", "oversized"):
+        deployment.start_node(name, {"dataset": str(client_files["gamma"]), "name": name})
+    deployment.start_node("missing", {"dataset": str(tmp_path / "nowhere" / "missing.csv")})
+
+    result = deployment.flwr("run", str(app), "local", "--stream")
+    log = result.stdout + result.stderr
+    assert "SuperNode excluded: node" in log and "missing.csv" in log, log
+    record = read_metrics(tmp_path / "config")[1]
+    assert record["clients"] == 2, log
+    reasons = {item["client"]: item["reason"] for item in record["dropped"]}
+    assert "NaN" in reasons["sends-nan"]
+    assert "shape" in reasons["wrong-shape"]
+    assert "exceeds the limit" in reasons["oversized"]
+    assert "round 1: client sends-nan (node " in log
+
+
+def test_too_few_nodes_fails_saying_how_many_were_seen(deployment, write_config, client_files):
+    config = write_config(deployment={"num_clients": 3, "node_wait_timeout": 5})
+    start_nodes(deployment, {name: client_files[name] for name in ("alpha", "beta")})
+    result = deployment.run(config)
+    assert result.returncode != 0
+    assert "waited 5 s for 3 SuperNodes, saw 2 connected" in result.stdout + result.stderr
+
+
+def test_mismatched_certificates_fail_clearly(deployment, write_config, client_files, tmp_path):
+    other = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])
+    node = deployment.start_node("alpha", {"dataset": str(client_files["alpha"])}, root_certificates=other["ca.crt"])
+    assert node.wait(timeout=60) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in deployment.log("alpha")
+
+    command = deployment.run_command(write_config())
+    command[command.index("--root-certificates") + 1] = str(other["ca.crt"])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in result.stdout + result.stderr or "SSL" in result.stdout + result.stderr
+
+
+def serverapp_pids(deployment: LocalDeployment) -> list[int]:
+    """The flwr-serverapp processes this deployment's SuperLink started (they run in their own session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"flwr-serverapp") for part in command) and str(deployment.port).encode() in b" ".join(
+                command
+            ):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, write_config, client_files, tmp_path):
+    config = write_config(federation={"rounds": 3, "round_timeout": 120})
+    start_nodes(deployment, client_files)
+    run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = tmp_path / "config" / "checkpoint" / "state.json"
+    wait_for(lambda: state.exists() and json.loads(state.read_text())["round"] >= 1, 300, "the round 1 checkpoint")
+    for pid in serverapp_pids(deployment):
+        os.kill(pid, signal.SIGKILL)
+    run.kill()
+    run.wait()
+    assert json.loads(state.read_text())["round"] < 3
+
+    result = deployment.run(config, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [record["round"] for record in read_metrics(tmp_path / "config")] == [0, 1, 2, 3]
+    assert same_model(tmp_path / "config", simulate(config, tmp_path / "simulated"))
