@@ -171,6 +171,7 @@ class ClientTransport(Protocol):
     """
 
     bytes: ByteCounter
+    parallel: bool  # whether the clients of one exchange work at the same time
 
     def describe(self, name: str) -> str:
         """The client's name as logs should show it (with its network address or node id)."""
@@ -190,6 +191,7 @@ class LoopbackTransport:
     def __init__(self, clients: Sequence[ClientProtocol], max_reply_bytes: int | None = None) -> None:
         self.clients = {client.name: client for client in clients}
         self.bytes = ByteCounter()
+        self.parallel = False
         self.max_reply_bytes = max_reply_bytes
 
     def describe(self, name: str) -> str:

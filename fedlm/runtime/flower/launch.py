@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ def launch_flower_run(
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if flwr is None:
         raise ConfigError("the Flower CLI `flwr` is not installed; pip install 'fedlm[flower]'")
+    check_superlink(superlink, root_certificates)
     with tempfile.TemporaryDirectory(prefix="fedlm-flower-") as folder:
         app = write_flower_app(Path(folder) / "app", absolute_paths(config), resume)
         home = Path(folder) / "flwr-home"
@@ -70,6 +73,39 @@ def launch_flower_run(
         if run_id is None:
             return 1
         return _run_status(flwr, run_id, env)
+
+
+def check_superlink(address: str, root_certificates: Path | None, timeout: float = 10.0) -> None:
+    """Reach the SuperLink and, with TLS, verify its certificate against `root_certificates`, so
+    that a wrong address or CA fails here with a message that says which (Flower's CLI reports
+    both as an unavailable connection)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--superlink must be HOST:PORT, got {address!r}")
+    try:
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as error:
+        raise ConfigError(
+            f"cannot reach the SuperLink at {address}: {error.strerror or error}; is flower-superlink running "
+            "there, and is --superlink its --host:--port?"
+        ) from None
+    with connection:
+        if root_certificates is None:
+            return
+        context = ssl.create_default_context(cafile=str(root_certificates))
+        try:
+            context.wrap_socket(connection, server_hostname=host.strip("[]")).close()
+        except ssl.SSLCertVerificationError as error:
+            raise ConfigError(
+                f"TLS: the SuperLink at {address} presented a certificate that {root_certificates} does not "
+                f"verify ({error.verify_message}); pass the CA certificate that signed the SuperLink's "
+                "--ssl-certfile as --root-certificates"
+            ) from None
+        except ssl.SSLError as error:
+            raise ConfigError(
+                f"TLS handshake with the SuperLink at {address} failed ({error}); is it running with TLS "
+                "(--ssl-certfile), or without (then use --insecure, on a laptop only)?"
+            ) from None
 
 
 def _stream_run(flwr: str, app: Path, env: dict[str, str]) -> str | None:

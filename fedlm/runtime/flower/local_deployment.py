@@ -13,6 +13,7 @@ keys, each process in its own process group with its own Flower home and log fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -167,7 +168,8 @@ class LocalDeployment:
         process.wait(timeout=30)
 
     def stop(self) -> None:
-        """End every process started here: SuperNodes first, then the SuperLink."""
+        """End every process started here: SuperNodes first, then the SuperLink, then what Flower
+        started in sessions of its own (the SuperLink's executor and its ServerApps)."""
         names = [name for name in self.processes if name != "superlink"] + ["superlink"]
         for name in names:
             if self.processes[name].poll() is None:
@@ -181,3 +183,28 @@ class LocalDeployment:
                 self.processes[name].wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.kill(name)
+        while self.stragglers() and time.monotonic() < deadline:  # they exit once their parent is gone
+            time.sleep(0.2)
+        for pid in self.stragglers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def stragglers(self, program: str = "") -> list[int]:
+        """Running processes whose command line names this SuperLink's address (and `program`)."""
+        proc = Path("/proc")
+        if not proc.is_dir():
+            return []
+        address = self.address.encode()
+        pids = []
+        for entry in proc.iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(address in argument for argument in arguments) and (
+                not program or any(argument.endswith(program.encode()) for argument in arguments)
+            ):
+                pids.append(int(entry.name))
+        return pids

@@ -37,6 +37,7 @@ class FlowerTransport:
         self.labels = labels
         self.max_reply_bytes = max_reply_bytes
         self.bytes = ByteCounter()
+        self.parallel = True
 
     def describe(self, name: str) -> str:
         return f"{name} (node {self.node_ids[name]})"

@@ -1,9 +1,10 @@
 """fedlm's ClientApp, with SuperNodes that misbehave by name, for the deployment fault tests.
 
 A node named `sends-nan` puts NaN in its update, `wrong-shape` drops the last coordinate,
-`oversized` attaches an extra tensor four times the model's size; others answer as fedlm does.
+`oversized` attaches an extra tensor over the server's reply limit (three model sizes plus 1 MB); others answer as fedlm does.
 """
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -34,5 +35,5 @@ def train(message: Message, context: Context) -> Message:
     elif name == "wrong-shape":
         result.delta = result.delta[:-1].clone()
     elif name == "oversized":
-        result.extras["padding"] = result.delta.repeat(4)
+        result.extras["padding"] = torch.randn(4 * result.delta.numel() + (1 << 20))
     return Message(to_record(result), reply_to=message)
