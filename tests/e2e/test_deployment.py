@@ -136,7 +136,7 @@ def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
 
 
 def test_misbehaving_and_broken_nodes_are_dropped_and_named(deployment, write_config, client_files, tmp_path):
-    config_path = write_config(federation={"rounds": 1, "round_timeout": 120}, deployment={"num_clients": 6})
+    config_path = write_config(federation={"rounds": 1, "round_timeout": 120}, deployment={"num_clients": 7})
     app = write_flower_app(tmp_path / "faulty-app", load_config(config_path), resume=False)
     shutil.copy(APPS / "faulty_client_app.py", app)
     pyproject = (app / "pyproject.toml").read_text()
@@ -147,10 +147,15 @@ def test_misbehaving_and_broken_nodes_are_dropped_and_named(deployment, write_co
     for name in ("sends-nan", "wrong-shape", "oversized"):
         deployment.start_node(name, {"dataset": str(client_files["gamma"]), "name": name})
     deployment.start_node("missing", {"dataset": str(tmp_path / "nowhere" / "missing.csv")})
+    malformed = tmp_path / "malformed.csv"
+    malformed.write_text("body,stars\nfine food,5\n")  # no text or label column to find
+    deployment.start_node("malformed", {"dataset": str(malformed)})
 
     result = deployment.flwr("run", str(app), "local", "--stream")
     log = result.stdout + result.stderr
-    assert "SuperNode excluded: node" in log and "missing.csv" in log, log
+    excluded = [line for line in log.splitlines() if "SuperNode excluded: node" in line]
+    assert len(excluded) == 2, log
+    assert any("missing.csv" in line for line in excluded) and any("malformed.csv" in line for line in excluded)
     record = read_metrics(tmp_path / "config")[1]
     assert record["clients"] == 2, log
     reasons = {item["client"]: item["reason"] for item in record["dropped"]}
@@ -198,3 +203,20 @@ def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, wr
     assert result.returncode == 0, result.stdout + result.stderr
     assert [record["round"] for record in read_metrics(tmp_path / "config")] == [0, 1, 2, 3]
     assert same_model(tmp_path / "config", simulate(config, tmp_path / "simulated"))
+
+
+@pytest.mark.real_model
+def test_a_22m_parameter_model_goes_through_in_both_directions(deployment, write_config, client_files, tmp_path):
+    config = write_config(
+        model={"name": "minilm"},
+        federation={"rounds": 1, "round_timeout": 300, "clients_per_evaluation": 0},
+        training={"max_length": 16},
+        deployment={"num_clients": 2},
+    )
+    start_nodes(deployment, {name: client_files[name] for name in ("alpha", "beta")})
+    result = deployment.run(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = read_metrics(tmp_path / "config")[1]
+    megabytes = 4 * 22_700_000 / 1e6
+    assert record["clients"] == 2 and not record["dropped"]
+    assert record["bytes_down"] / 2 / 1e6 > megabytes and record["bytes_up"] / 2 / 1e6 > megabytes
