@@ -116,7 +116,7 @@ def main() -> None:
             f"{row['train_seconds']:.1f}", f"{row['overhead_seconds']:.1f}", f"{row['megabytes_per_round']:.1f}",
             f"{row['model_load_seconds']:.2f}",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=140).print(table)
     out = Path(__file__).parent / "results" / "flower_overhead.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

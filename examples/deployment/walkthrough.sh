@@ -8,6 +8,8 @@ set -euo pipefail
 WORK=${WORK:-runs/deployment-walkthrough}
 PORT=${PORT:-9093}
 mkdir -p "$WORK"
+export FLWR_HOME="$PWD/$WORK/flwr-home"  # Flower's files for this walkthrough (instead of ~/.flwr)
+mkdir -p "$FLWR_HOME"
 PIDS=()
 start() {  # start NAME COMMAND...: a role in the background, in its own process group, logging to $WORK/NAME.log
   local name=$1; shift
@@ -30,8 +32,6 @@ start superlink flower-superlink \
 until python -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 1)" 2>/dev/null; do sleep 0.5; done
 
 # 4. Register each SuperNode's public key with the SuperLink (the Flower CLI reads $FLWR_HOME/config.toml)
-export FLWR_HOME="$PWD/$WORK/flwr-home"
-mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
 default = "walkthrough"

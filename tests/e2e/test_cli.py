@@ -64,3 +64,23 @@ def test_fedlm_partition_prints_the_table_and_writes_the_report(tmp_path):
     assert "client-0" in result.stdout and "top share" in result.stdout and "business" in result.stdout
     report = json.loads((tmp_path / "out" / "partition.json").read_text())
     assert report["num_clients"] == 4 and report["train_examples"] + report["test_examples"] == 96
+
+
+def test_certs_writes_a_ca_a_server_certificate_it_signed_and_node_keys(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_identity
+
+    result = run_fedlm(
+        "certs", str(tmp_path), "--host", "10.0.0.7", "--host", "link.example.org", "--node", "a", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.7"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    private = load_ssh_private_key((tmp_path / "a.key").read_bytes(), password=None)
+    public = load_ssh_public_identity((tmp_path / "a.pub").read_bytes())
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert oct((tmp_path / "a.key").stat().st_mode & 0o777) == "0o600"

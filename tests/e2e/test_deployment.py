@@ -173,6 +173,12 @@ def test_too_few_nodes_fails_saying_how_many_were_seen(deployment, write_config,
     assert "waited 5 s for 3 SuperNodes, saw 2 connected" in " ".join((result.stdout + result.stderr).split())
 
 
+def test_an_unregistered_supernode_is_refused(deployment, client_files):
+    node = deployment.start_node("intruder", {"dataset": str(client_files["alpha"])}, register=False)
+    assert node.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in deployment.log("intruder")
+
+
 def test_mismatched_certificates_fail_clearly(deployment, write_config, client_files, tmp_path):
     other = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])
     node = deployment.start_node("alpha", {"dataset": str(client_files["alpha"])}, root_certificates=other["ca.crt"])

@@ -12,15 +12,15 @@ Each SuperNode is one client. What it holds comes from its node config
     text-column, label-column   (default: the run config's `data.text_column` / `data.label_column`)
 
 Everything else (training options, seed) comes from the run config the server was started with.
-The base model is loaded once per process and label count and reused across rounds; the client's
-own state between rounds (SCAFFOLD's control variate) stays on the node, in Flower's per-run
-node state. A client that cannot do what is asked (a missing file, labels the federation does
-not know) replies with an error record that names it, and the server drops it.
+Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
+data and base model anew (BENCHMARKS.md has the cost); the client's own state between rounds
+(SCAFFOLD's control variate) stays on the node, in Flower's per-run node state. A client that
+cannot do what is asked (a missing or malformed file, labels the federation does not know)
+replies with an error record that names it and its file, and the server leaves it out.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,7 +90,7 @@ def _answer(message: Message, context: Context, work: Callable[[Node, RecordDict
 
 
 class Node:
-    """One SuperNode's client: its data (loaded once) and, once the labels are known, its FedClient."""
+    """One SuperNode's client: its data, and a FedClient once the server has sent the label map."""
 
     def __init__(self, config: RunConfig, node_config: dict[str, Any]) -> None:
         unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
@@ -111,45 +111,35 @@ class Node:
             self.data = ClientData(name, data, test)
         else:
             self.data = split_client(name, data, config.data.client_test_fraction, config.seed)
-        self._client: FedClient | None = None
 
     def info(self) -> ClientInfo:
         labels = sorted({label_key(label) for label in self.data.train.labels})
         return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels)
 
     def client(self, label2id: dict[str, int]) -> FedClient:
-        """The FedClient for the federation's label map, with the base model loaded once per process."""
+        """A FedClient over this node's data for the federation's label map."""
         label_map = LabelMap({str(key): int(value) for key, value in label2id.items()})
-        if self._client is None or self._client.label_map != label_map:
-            config = self.config
-            model_name = str(self.node_config.get("model", config.model.name))
-            model, tokenizer = _load_model(model_name, label_map.num_labels, derive_seed(config.seed, "init"))
-            options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
-            options["device"] = str(self.node_config.get("device", options["device"]))
-            options["seed"] = config.seed
-            client = FedClient(
-                self.data.train, model, tokenizer, name=self.data.name, test_dataset=self.data.test, **options
-            )
-            client.set_label_map(label_map)
-            self._client = client
-        return self._client
-
-
-_NODES: dict[tuple, Node] = {}
+        config = self.config
+        model_name = str(self.node_config.get("model", config.model.name))
+        model = load_classifier(model_name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
+        options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
+        options["device"] = str(self.node_config.get("device", options["device"]))
+        client = FedClient(
+            self.data.train,
+            model,
+            load_tokenizer(model_name),
+            name=self.data.name,
+            test_dataset=self.data.test,
+            seed=config.seed,
+            **options,
+        )
+        client.set_label_map(label_map)
+        return client
 
 
 def node_for(context: Context) -> Node:
-    """This node's client for this run (built once per process and run)."""
-    key = (context.run_id, tuple(sorted((k, str(v)) for k, v in context.node_config.items())))
-    if key not in _NODES:
-        config = config_from_run_config(context.run_config)
-        if config.training.threads is not None:
-            torch.set_num_threads(config.training.threads)
-        _NODES.clear()  # one run at a time: drop the previous run's data
-        _NODES[key] = Node(config, dict(context.node_config))
-    return _NODES[key]
-
-
-@functools.lru_cache(maxsize=2)
-def _load_model(name: str, num_labels: int, seed: int) -> tuple[torch.nn.Module, Any]:
-    return load_classifier(name, num_labels=num_labels, seed=seed), load_tokenizer(name)
+    """This node's client data for this run."""
+    config = config_from_run_config(context.run_config)
+    if config.training.threads is not None:
+        torch.set_num_threads(config.training.threads)
+    return Node(config, dict(context.node_config))

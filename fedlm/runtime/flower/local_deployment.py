@@ -130,9 +130,10 @@ class LocalDeployment:
         return subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
 
     def start_node(
-        self, name: str, node_config: dict[str, Any], root_certificates: Path | None = None
+        self, name: str, node_config: dict[str, Any], root_certificates: Path | None = None, register: bool = True
     ) -> subprocess.Popen:
-        """Start SuperNode `name` with `node_config` (its dataset, ...), registering its key first."""
+        """Start SuperNode `name` with `node_config` (its dataset, ...), with a fresh key registered
+        with the SuperLink first (`register=False`: an unknown key, which the SuperLink refuses)."""
         command = [
             flower_command("flower-supernode"),
             "--superlink", self.address,
@@ -142,8 +143,8 @@ class LocalDeployment:
         ]  # fmt: skip
         if self.authenticate_nodes:
             keys = make_node_keys(self.folder / "node-keys", name)
-            registered = self.flwr("supernode", "register", str(keys[f"{name}.pub"]))
-            if registered.returncode != 0:
+            registered = self.flwr("supernode", "register", str(keys[f"{name}.pub"])) if register else None
+            if registered is not None and registered.returncode != 0:
                 raise FedlmError(f"cannot register SuperNode {name}: {registered.stdout}{registered.stderr}")
             command += ["--auth-supernode-private-key", str(keys[f"{name}.key"])]
         return self._start(name, command)

@@ -17,7 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlm.errors import WireError
-from fedlm.protocol import ByteCounter, ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes, WireMessage
+from fedlm.protocol import ByteCounter, ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes
 from fedlm.runtime.flower.records import from_record, record_size, to_record
 
 logger = logging.getLogger("fedlm")
@@ -43,21 +43,23 @@ class FlowerTransport:
         return f"{name} (node {self.node_ids[name]})"
 
     def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
-        return self._exchange("train", names, FitIns(ins.parameters, self._config(ins), ins.tensors), FitRes, deadline)
+        return self._exchange("train", names, ins, FitRes, deadline)
 
     def evaluate(self, names: Sequence[str], ins: EvaluateIns, deadline: float | None) -> dict[str, EvaluateRes | str]:
-        ins = EvaluateIns(ins.parameters, self._config(ins), ins.tensors)
         return self._exchange("evaluate", names, ins, EvaluateRes, deadline)
 
-    def _config(self, ins: FitIns | EvaluateIns) -> dict[str, Any]:
-        return {**ins.config, "labels": self.labels}
-
     def _exchange(
-        self, message_type: str, names: Sequence[str], ins: WireMessage, reply_type: type, deadline: float | None
+        self,
+        message_type: str,
+        names: Sequence[str],
+        ins: FitIns | EvaluateIns,
+        reply_type: type[FitRes] | type[EvaluateRes],
+        deadline: float | None,
     ) -> dict[str, Any]:
-        record = to_record(ins)
+        labelled = type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
+        record = to_record(labelled)
         size = record_size(record)
-        group = str(getattr(ins, "config", {}).get("round", ""))
+        group = str(ins.config.get("round", ""))
         replies, pending = exchange(
             self.grid, message_type, record, {n: self.node_ids[n] for n in names}, deadline, group
         )
