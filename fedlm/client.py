@@ -15,6 +15,7 @@ from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
+from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes
@@ -56,7 +57,10 @@ class FedClient:
     (text/sentence/content..., label/category/topic...) or given. Several clients may share one
     model object: each `fit` loads the global parameters before training, so a simulation keeps
     one model replica however many clients it has. `test_dataset` (same kinds as `dataset`) is the
-    client's own test split, on which `evaluate` reports the global model's metrics.
+    client's own test split, on which `evaluate` reports the global model's metrics. `peft` (a
+    `peft.PeftConfig`, e.g. `peft.LoraConfig(r=8)`) wraps the model with that adapter, seeded from
+    the training seed so that clients with the same seed start from the same adapter; then only the
+    adapter and the classification head train and travel.
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class FedClient:
         label_column: str | None = None,
         name: str | None = None,
         test_dataset: Any = None,
+        peft: Any = None,
         **training_options: Any,
     ) -> None:
         unknown = set(training_options) - set(TrainingOptions.__dataclass_fields__)
@@ -84,6 +89,8 @@ class FedClient:
             if test_dataset is None
             else load_text_dataset(test_dataset, text_column, label_column, owner=f"{owner} test set")
         )
+        if peft is not None and not is_adapted(model):
+            model = add_adapter(model, peft, seed=derive_seed(self.options.seed, "adapter"))
         self.model = model
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(getattr(model, "name_or_path", ""), owner)

@@ -203,6 +203,40 @@ class TrainingConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
 
 
+class LoraConfig(Section):
+    """LoRA adapters (Hu et al. 2021): only the low-rank A, B (and the classification head) train and travel."""
+
+    method: Literal["lora"]
+    r: int = Field(8, ge=1, description="rank of each adapter")
+    alpha: float = Field(16.0, gt=0, description="scaling: the update is (alpha / r) B A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="module names to adapt; auto: PEFT's defaults for the architecture (query, value for BERT)"
+    )
+    aggregation: Literal["fedit", "ffa"] = Field(
+        "fedit",
+        description="fedit: average A and B separately (inexact); ffa: freeze A at its shared init, federate B only (exact)",
+    )
+
+
+class Ia3Config(Section):
+    """IA3 (Liu et al. 2022): learned rescaling vectors on keys, values and feed-forward activations."""
+
+    method: Literal["ia3"]
+    target_modules: list[str] | Literal["auto"] = Field("auto", description="auto: PEFT's defaults")
+    feedforward_modules: list[str] | Literal["auto"] = Field("auto", description="auto: PEFT's defaults")
+
+
+class PromptTuningConfig(Section):
+    """Prompt tuning (Lester et al. 2021): trainable virtual tokens prepended to every input."""
+
+    method: Literal["prompt_tuning"]
+    num_virtual_tokens: int = Field(20, ge=1)
+
+
+AdapterConfig = Annotated[LoraConfig | Ia3Config | PromptTuningConfig, Field(discriminator="method")]
+
+
 class DeploymentConfig(Section):
     """Settings that only the Flower deployment runtime reads (a simulation ignores them)."""
 
@@ -225,6 +259,7 @@ class RunConfig(Section):
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = FedAvgConfig()
     training: TrainingConfig = TrainingConfig()
+    peft: AdapterConfig | None = Field(None, description="train and federate a PEFT adapter instead of all weights")
     deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ import torch
 
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.core.client_metrics import metric_distribution
+from fedlm.core.lora import lora_aggregation_error, lora_pairs
 from fedlm.core.params import ParamSpec
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
@@ -31,6 +32,7 @@ from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, FedlmError, ModelError
+from fedlm.models.adapters import is_adapted, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import quiet_transformers
 from fedlm.protocol import ClientInfo, ClientTransport, EvaluateIns, FitIns, FitRes, LoopbackTransport
@@ -108,6 +110,7 @@ class FedServer:
         self._tokenizer = tokenizer
         self.spec = federated_spec(model)
         self.global_params = get_federated_vector(model)
+        self.lora_pairs = lora_pairs(self.spec)
         self._eval_model: torch.nn.Module | None = None
 
     def _configure_rounds(
@@ -155,12 +158,21 @@ class FedServer:
         """A transformers model holding the global parameters (a copy: later rounds do not change it)."""
         return copy.deepcopy(self._global_model())
 
-    def save(self, path: str | Path) -> Path:
-        """Write the global model, tokenizer and label map with `save_pretrained`."""
+    def save(self, path: str | Path, merge_lora: bool = True) -> Path:
+        """Write the global model, tokenizer and label map with `save_pretrained`. An adapter model
+        is written merged into a plain transformers model (`merge_lora=True`, loads with
+        `from_pretrained`) or as the PEFT adapter folder with the classification head
+        (`merge_lora=False`, loads with `PeftModel.from_pretrained` over the base model)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        model = self._global_model()
         with quiet_transformers():
-            self._global_model().save_pretrained(path)
+            if is_adapted(model) and merge_lora:
+                merged_copy(model).save_pretrained(path)
+            elif is_adapted(model):
+                model.save_pretrained(path, save_embedding_layers=False)
+            else:
+                model.save_pretrained(path)
             self._tokenizer.save_pretrained(path)
         info = {"round": self.round, "label2id": self.label_map.label2id, "num_parameters": self.spec.numel}
         (path / "fedlm.json").write_text(json.dumps(info, indent=2))
@@ -291,8 +303,13 @@ class FedServer:
 
         # 4. aggregate, or skip the round when too few clients remain
         if len(updates) >= self.min_clients:
+            previous = self.global_params
             self.global_params = self.strategy.aggregate(self.global_params, updates)
             record.update(_train_summary(updates))
+            if self.lora_pairs:  # what averaging A and B separately cost, per layer
+                record["lora_aggregation_error"] = lora_aggregation_error(
+                    previous, self.global_params, updates, self.lora_pairs
+                )
         else:
             logger.warning(
                 "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",

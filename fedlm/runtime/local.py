@@ -7,16 +7,19 @@ with the number of clients; `fedlm.runtime.rounds.run_federation` drives the rou
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedlm.client import FedClient, TrainingOptions
-from fedlm.config import RunConfig, StrategyConfig
+from fedlm.config import AdapterConfig, Ia3Config, LoraConfig, RunConfig, StrategyConfig
 from fedlm.core.robust import ROBUST_AGGREGATES
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data import LabelMap
 from fedlm.data.report import partition_summary
 from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models.adapters import add_adapter, freeze_lora_a
 from fedlm.runtime.federated_data import prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
 from fedlm.server import FedServer
@@ -32,6 +35,36 @@ def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
     return STRATEGIES[config.kind](**options)
 
 
+def build_model(config: RunConfig, model_name: str, num_labels: int) -> torch.nn.Module:
+    """The run's classifier: pretrained `model_name` with a head seeded from the run seed, and the
+    config's PEFT adapter, if any. Every participant builds the same one."""
+    model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
+    if config.peft is None:
+        return model
+    model = add_adapter(model, peft_config(config.peft), seed=derive_seed(config.seed, "adapter"))
+    if isinstance(config.peft, LoraConfig) and config.peft.aggregation == "ffa":
+        freeze_lora_a(model)
+    return model
+
+
+def peft_config(settings: AdapterConfig) -> Any:
+    """The PEFT library's config for fedlm's adapter settings."""
+    import peft
+
+    auto = None
+    if isinstance(settings, LoraConfig):
+        targets = auto if settings.target_modules == "auto" else settings.target_modules
+        return peft.LoraConfig(
+            r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets
+        )
+    if isinstance(settings, Ia3Config):
+        return peft.IA3Config(
+            target_modules=auto if settings.target_modules == "auto" else settings.target_modules,
+            feedforward_modules=auto if settings.feedforward_modules == "auto" else settings.feedforward_modules,
+        )
+    return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens)
+
+
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
@@ -40,7 +73,7 @@ def build_simulation(config: RunConfig) -> Federation:
     federated = prepare_federated_data(config)
     clients_per_round = resolve_clients_per_round(config, len(federated.clients))
     label_map = LabelMap.from_values(federated.label_values())
-    model = load_classifier(config.model.name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
+    model = build_model(config, config.model.name, label_map.num_labels)
     tokenizer = load_tokenizer(config.model.name)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     clients = [

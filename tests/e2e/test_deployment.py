@@ -100,8 +100,13 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_deployment_matches_simulation_bit_for_bit(deployment, write_config, client_files, tmp_path):
-    # SCAFFOLD: the clients' control variates must persist on the nodes between rounds
-    config = write_config(strategy={"kind": "scaffold"}, training={"optimizer": "sgd", "learning_rate": 0.05})
+    # SCAFFOLD: the clients' control variates must persist on the nodes between rounds; LoRA: every
+    # node must build the same seeded adapter as the server
+    config = write_config(
+        strategy={"kind": "scaffold"},
+        training={"optimizer": "sgd", "learning_rate": 0.05},
+        peft={"method": "lora", "r": 4},
+    )
     start_nodes(deployment, client_files)
     result = deployment.run(config)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -31,16 +31,16 @@ from flwr.clientapp import ClientApp
 
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.config import RunConfig
-from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.federated import ClientData
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
-from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models import load_tokenizer
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, WireMessage
 from fedlm.runtime.federated_data import split_client
 from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
+from fedlm.runtime.local import build_model
 
 NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column")
 STATE = "fedlm.client_state"
@@ -121,7 +121,7 @@ class Node:
         label_map = LabelMap({str(key): int(value) for key, value in label2id.items()})
         config = self.config
         model_name = str(self.node_config.get("model", config.model.name))
-        model = load_classifier(model_name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
+        model = build_model(config, model_name, label_map.num_labels)
         options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
         options["device"] = str(self.node_config.get("device", options["device"]))
         client = FedClient(

@@ -21,15 +21,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.client import TrainingOptions
 from fedlm.config import PredefinedPartitionConfig, RunConfig
-from fedlm.core.seeding import derive_seed
 from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, FedlmError
-from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models import load_tokenizer
 from fedlm.models.federated import federated_spec
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import build_strategy
+from fedlm.runtime.local import build_model, build_strategy
 from fedlm.runtime.rounds import Federation, round_line, run_federation
 from fedlm.server import FedServer
 
@@ -124,7 +123,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     described = (f"{info.name} (node {node_id}, {info.num_examples} examples)" for node_id, info in infos)
     logger.info("clients: %s", ", ".join(described))
     label_map = LabelMap.from_values(label for info in clients for label in info.labels)
-    model = load_classifier(config.model.name, num_labels=label_map.num_labels, seed=derive_seed(config.seed, "init"))
+    model = build_model(config, config.model.name, label_map.num_labels)
     spec = federated_spec(model)
     # an update and at most two strategy vectors of the same size, plus headers
     max_reply_bytes = 3 * 4 * spec.numel + (1 << 20)

@@ -1,0 +1,105 @@
+"""Parameter-efficient fine-tuning through Hugging Face PEFT (`pip install fedlm[peft]`).
+
+`add_adapter` wraps a sequence classifier with a PEFT adapter (LoRA, Hu et al. 2021,
+arXiv:2106.09685; IA3, Liu et al. 2022, arXiv:2205.05638; prompt tuning, Lester et al. 2021,
+arXiv:2104.08691) so that only the adapter and the classification head are trainable. The
+federated vector is exactly the trainable parameters (`fedlm.models.federated`), so the frozen
+base is loaded once per process and never sent. The adapter is initialised from a seed, so every
+client and the server start from the same adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import weakref
+from typing import Any
+
+import torch
+
+from fedlm.errors import ModelError
+
+AUTO = "auto"
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    peft = sys.modules.get("peft")  # not imported: no model can be a PeftModel
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+# PEFT injects adapter layers into the base model in place: a base wrapped once is remembered so
+# that clients sharing one model object share one wrapper instead of stacking adapters.
+_WRAPPED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[Any, torch.nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def add_adapter(model: torch.nn.Module, peft_config: Any, seed: int) -> torch.nn.Module:
+    """`model` wrapped with the adapter `peft_config` (a `peft.PeftConfig`; `target_modules="auto"`
+    or None picks PEFT's defaults for the architecture), initialised from `seed`. Wrapping the same
+    base again with the same config returns the same wrapper."""
+    if model in _WRAPPED:
+        wrapped_config, wrapper = _WRAPPED[model]
+        if wrapped_config != peft_config:
+            raise ModelError("this model already carries a different adapter; load a fresh model for another one")
+        return wrapper
+    try:
+        from peft import TaskType, get_peft_model
+    except ImportError:
+        raise ModelError("adapters need PEFT: pip install 'fedlm[peft]'") from None
+    requested, peft_config = peft_config, copy.deepcopy(peft_config)
+    if peft_config.task_type is None:
+        peft_config.task_type = TaskType.SEQ_CLS
+    if hasattr(peft_config, "target_modules"):
+        peft_config.target_modules = _target_modules(model, peft_config)
+    if getattr(peft_config, "feedforward_modules", None) == AUTO:
+        peft_config.feedforward_modules = None  # PEFT's default for the architecture
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            wrapper = get_peft_model(model, peft_config)
+        except ValueError as error:
+            raise ModelError(f"cannot add a {peft_config.peft_type} adapter to {_model_type(model)}: {error}") from None
+    _WRAPPED[model] = (requested, wrapper)
+    return wrapper
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
+def _target_modules(model: torch.nn.Module, peft_config: Any) -> list[str] | None:
+    """The configured target modules, checked against the model; None for PEFT's defaults."""
+    targets = peft_config.target_modules
+    linear = sorted(
+        {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    )
+    if targets in (None, AUTO):
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if str(peft_config.peft_type).endswith("LORA") and _model_type(model) not in DEFAULTS:
+            raise ModelError(
+                f"no default LoRA target modules for model type {_model_type(model)!r}; set target_modules "
+                f"to some of its linear layers: {linear}"
+            )
+        return None
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+    if missing:
+        raise ModelError(
+            f"adapter target modules {missing} are not in the {_model_type(model)} model; its linear layers are {linear}"
+        )
+    return targets
+
+
+def freeze_lora_a(model: torch.nn.Module) -> None:
+    """FFA-LoRA (Sun et al. 2024, arXiv:2403.12313): keep every LoRA A at its shared seeded
+    initialisation and train (and federate) only B; then the average of the clients' B A products
+    is exactly the product of the averaged B with the common A."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
+
+
+def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain transformers model with the adapter folded into the base weights."""
+    return copy.deepcopy(model).merge_and_unload()

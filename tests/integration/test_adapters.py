@@ -1,0 +1,94 @@
+"""PEFT adapters: only the adapter and the head are federated, the base never moves, exports reload."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+from conftest import make_records
+from fedlm import FedClient, FedServer
+from fedlm.config import parse_config
+from fedlm.errors import ModelError
+from fedlm.runtime import build_simulation, run_federation
+
+
+def lora_config(**options) -> peft.LoraConfig:
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **options)
+
+
+def test_lora_federates_only_the_adapter_and_the_head_and_the_base_never_changes(load_tiny):
+    model = load_tiny(3)
+    full = sum(p.numel() for p in model.parameters())
+    clients = [
+        FedClient(make_records(48, seed=i), model, name=f"c{i}", peft=lora_config(target_modules=["query", "value"]),
+                  learning_rate=3e-3, max_length=32)
+        for i in range(2)
+    ]  # fmt: skip
+    assert clients[0].model is clients[1].model  # one shared base, wrapped once
+    server = FedServer(clients)
+    assert all(".lora_" in name or ".classifier." in name for name in server.spec.names)
+    assert server.spec.numel < full / 10
+    frozen = {name: p.clone() for name, p in clients[0].model.named_parameters() if not p.requires_grad}
+    before = server.global_params.clone()
+    history = server.fit(rounds=2)
+    assert not torch.equal(server.global_params, before)
+    assert history[-1]["bytes_up"] < 2 * 4 * server.spec.numel + 10_000  # two clients' adapters, not the model
+    errors = history[-1]["lora_aggregation_error"]  # FedIT: averaging A and B separately is inexact
+    assert set(errors) == {
+        f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
+    } | {"overall"}
+    assert 0 < errors["overall"] < 1
+    after = dict(clients[0].model.named_parameters())
+    assert len(frozen) > 20 and all(torch.equal(after[name], value) for name, value in frozen.items())
+
+
+def test_lora_target_modules_that_do_not_exist_name_the_ones_that_do(load_tiny):
+    with pytest.raises(ModelError, match=r"\['q_proj'\] are not in the bert model; its linear layers are \[.*'query'"):
+        FedClient(make_records(8, seed=0), load_tiny(3), peft=lora_config(target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize(
+    ("adapter", "trainable_marker"),
+    [({"method": "ia3"}, ".ia3_l."), ({"method": "prompt_tuning", "num_virtual_tokens": 4}, "prompt_encoder")],
+)
+def test_ia3_and_prompt_tuning_run_from_config(config_data_factory, adapter, trainable_marker):
+    config = parse_config(config_data_factory(num_clients=2, rounds=1, peft=adapter))
+    simulation = build_simulation(config)
+    names = simulation.server.spec.names
+    assert any(trainable_marker in name for name in names) and all(
+        trainable_marker in name or "classifier" in name for name in names
+    )
+    record = simulation.server.fit(rounds=1)[0]
+    assert record["clients"] == 2 and torch.isfinite(torch.tensor(record["train_loss"]))
+
+
+def test_ffa_keeps_every_lora_a_at_its_shared_initialisation(config_data_factory):
+    config = parse_config(config_data_factory(num_clients=3, rounds=1, peft={"method": "lora", "aggregation": "ffa"}))
+    simulation = build_simulation(config)
+    model = simulation.server.clients[0].model
+    a_before = {name: p.clone() for name, p in model.named_parameters() if ".lora_A." in name}
+    assert a_before and not any(".lora_A." in name for name in simulation.server.spec.names)
+    simulation.server.fit(rounds=1)
+    assert all(torch.equal(dict(model.named_parameters())[name], value) for name, value in a_before.items())
+
+
+def test_merged_and_adapter_exports_reload_and_predict_the_same(config_data_factory, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    config = parse_config(config_data_factory(num_clients=2, rounds=1, peft={"method": "lora", "r": 4}))
+    simulation = build_simulation(config)
+    run_federation(simulation)
+    server = simulation.server
+    global_model = server.get_model().eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(server.save(tmp_path / "merged")).eval()
+    adapter_folder = server.save(tmp_path / "adapter", merge_lora=False)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=server.label_map.num_labels)
+    unmerged = peft.PeftModel.from_pretrained(base, adapter_folder).eval()
+    batch = server._tokenizer(["market shares company", "game match team"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = global_model(**batch).logits
+        assert torch.allclose(merged(**batch).logits, expected, atol=1e-5)
+        assert torch.allclose(unmerged(**batch).logits, expected, atol=1e-6)
+    assert not any("lora" in key for key in merged.state_dict())
+    assert (adapter_folder / "adapter_config.json").exists()

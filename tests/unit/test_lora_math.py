@@ -1,0 +1,65 @@
+"""LoRA pairs in a flat vector and the aggregation error of averaging factors, against dense matrices."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedlm.core.lora import lora_aggregation_error, lora_pairs
+from fedlm.core.params import ParamSpec
+from fedlm.core.strategies import FedAvg
+from fedlm.core.update import ClientUpdate
+
+SPEC = ParamSpec(
+    names=(
+        "m.layer.0.query.lora_A.default.weight",
+        "m.layer.0.query.lora_B.default.weight",
+        "m.classifier.weight",
+        "m.layer.1.value.lora_A.default.weight",
+        "m.layer.1.value.lora_B.default.weight",
+    ),
+    shapes=((2, 5), (4, 2), (3, 4), (3, 6), (7, 3)),
+)
+
+
+def test_pairs_locate_each_layers_factors():
+    pairs = lora_pairs(SPEC)
+    assert [pair.layer for pair in pairs] == ["m.layer.0.query", "m.layer.1.value"]
+    assert pairs[0].a == slice(0, 10) and pairs[0].b == slice(10, 18)
+    assert pairs[1].a == slice(30, 48) and pairs[1].a_shape == (3, 6) and pairs[1].b == slice(48, 69)
+    assert lora_pairs(ParamSpec(("x.lora_B.default.weight",), ((4, 2),))) == []  # A frozen (FFA): no pair
+
+
+def test_fedit_error_matches_dense_matrices_and_is_zero_when_clients_agree():
+    generator = torch.Generator().manual_seed(0)
+    global_params = torch.randn(SPEC.numel, generator=generator)
+    updates = [ClientUpdate(torch.randn(SPEC.numel, generator=generator), n) for n in (10, 30, 60)]
+    new = FedAvg().aggregate(global_params, updates)
+    errors = lora_aggregation_error(global_params, new, updates, lora_pairs(SPEC))
+
+    weights = [0.1, 0.3, 0.6]
+    squared_diff, squared_exact = 0.0, 0.0
+    for layer, (a_range, a_shape, b_range, b_shape) in {
+        "m.layer.0.query": ((0, 10), (2, 5), (10, 18), (4, 2)),
+        "m.layer.1.value": ((30, 48), (3, 6), (48, 69), (7, 3)),
+    }.items():
+        clients = [global_params + update.delta for update in updates]
+        products = [c[slice(*b_range)].reshape(b_shape) @ c[slice(*a_range)].reshape(a_shape) for c in clients]
+        exact = sum(w * p for w, p in zip(weights, products))
+        mean_a = sum(w * c[slice(*a_range)].reshape(a_shape) for w, c in zip(weights, clients))
+        mean_b = sum(w * c[slice(*b_range)].reshape(b_shape) for w, c in zip(weights, clients))
+        difference = exact - mean_b @ mean_a
+        assert math.isclose(errors[layer], float(difference.norm() / exact.norm()), rel_tol=1e-5)
+        squared_diff += float(difference.square().sum())
+        squared_exact += float(exact.square().sum())
+    assert math.isclose(errors["overall"], math.sqrt(squared_diff / squared_exact), rel_tol=1e-5)
+    assert errors["overall"] > 0.01
+
+    same = [ClientUpdate(updates[0].delta.clone(), n) for n in (10, 30)]
+    assert (
+        lora_aggregation_error(global_params, FedAvg().aggregate(global_params, same), same, lora_pairs(SPEC))[
+            "overall"
+        ]
+        < 1e-6
+    )
