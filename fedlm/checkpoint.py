@@ -1,7 +1,7 @@
 """Checkpoints: everything a run needs to continue bit for bit, written atomically.
 
 A checkpoint folder holds the global parameters, the strategy state and the clients' own state
-(SCAFFOLD variates, which live on the server in a simulation) as safetensors, and the round,
+(SCAFFOLD variates and error-feedback residuals, which live on the server in a simulation) as safetensors, and the round,
 the metric records and the config as JSON. It is written to a temporary folder that is then
 renamed over the previous checkpoint, so a crash leaves the previous one intact.
 """
@@ -35,9 +35,10 @@ def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any
     save_file({"parameters": server.global_params.contiguous()}, temporary / "global.safetensors")
     save_file({k: v.contiguous() for k, v in server.strategy.state_dict().items()}, temporary / "strategy.safetensors")
     client_state = {
-        f"{client.name}/control_variate": client.control_variate.contiguous()
+        f"{client.name}/{key}": getattr(client, key).contiguous()
         for client in server.clients
-        if getattr(client, "control_variate", None) is not None  # remote clients keep theirs
+        for key in FedClient.STATE
+        if getattr(client, key, None) is not None  # remote clients keep theirs
     }
     save_file(client_state, temporary / "clients.safetensors")
     state = {
@@ -96,7 +97,8 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
         raise ConfigError(f"cannot resume: checkpoint {folder}: {error}") from None
     for client in server.clients:
         if isinstance(client, FedClient):  # remote clients keep their own state
-            client.control_variate = client_state.get(f"{client.name}/control_variate")
+            for key in FedClient.STATE:
+                setattr(client, key, client_state.get(f"{client.name}/{key}"))
     server.round = state["round"]
     server.history = state["history"]
     return state["records"]

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import torch
 
+from fedlm.core.compression import ErrorFeedback, codec_from_spec, codec_spec
 from fedlm.core.params import unflatten
 from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
@@ -18,7 +19,7 @@ from fedlm.errors import ConfigError
 from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
-from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes
+from fedlm.protocol import Compressed, EvaluateIns, EvaluateRes, FitIns, FitRes
 from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
 
 
@@ -63,6 +64,8 @@ class FedClient:
     adapter and the classification head train and travel.
     """
 
+    STATE = ("control_variate", "residual")  # what a client keeps between rounds (and checkpoints)
+
     def __init__(
         self,
         dataset: Any,
@@ -98,6 +101,7 @@ class FedClient:
         self.label_map: LabelMap | None = None
         self.step_callback: Callable[[int, int], None] | None = None
         self.control_variate: torch.Tensor | None = None  # SCAFFOLD's c_i, kept between rounds
+        self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
@@ -167,7 +171,21 @@ class FedClient:
         """Load the global parameters, train for `ins.config['epochs']`, return the delta."""
         set_federated_vector(self.model, ins.parameters)
         seed = derive_seed(ins.config.get("seed", self.options.seed), ins.config.get("round", 0), self.name)
-        return self._train(ins, int(ins.config.get("epochs", 1)), seed)
+        result = self._train(ins, int(ins.config.get("epochs", 1)), seed)
+        if "upload_codec" in ins.config:
+            result.delta = self._compress(result.delta, ins.config["upload_codec"])
+        return result
+
+    def _compress(self, delta: torch.Tensor, spec: dict[str, Any]) -> Compressed:
+        """The delta through the server's upload codec; with error feedback, what the codec drops
+        is kept here (`residual`) and added to the next round's delta."""
+        codec = codec_from_spec(spec)
+        if not spec.get("error_feedback"):
+            return Compressed.encode(codec, delta)
+        feedback = ErrorFeedback(codec, self.residual)
+        parts = feedback.encode(delta)
+        self.residual = feedback.residual
+        return Compressed(codec_spec(codec), parts, delta.numel())
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""

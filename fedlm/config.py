@@ -237,6 +237,32 @@ class PromptTuningConfig(Section):
 AdapterConfig = Annotated[LoraConfig | Ia3Config | PromptTuningConfig, Field(discriminator="method")]
 
 
+class CodecConfig(Section):
+    """A communication codec (fedlm.core.compression)."""
+
+    kind: Literal["float16", "bfloat16", "int8", "topk"]
+    block: int = Field(2048, ge=1, description="int8: values sharing one scale")
+    fraction: float = Field(0.01, gt=0, le=1, description="topk: share of coordinates sent")
+    error_feedback: bool = Field(
+        False, description="uploads: carry what the codec drops into the next round (recommended with topk)"
+    )
+
+
+class CommunicationConfig(Section):
+    upload: CodecConfig | None = Field(None, description="codec for client updates (client to server)")
+    download: CodecConfig | None = Field(
+        None, description="codec for the global parameters sent for training (evaluation gets them exact)"
+    )
+
+    @model_validator(mode="after")
+    def _feedback_is_for_uploads(self) -> CommunicationConfig:
+        if self.download is not None and self.download.error_feedback:
+            raise ValueError(
+                "download.error_feedback: error feedback needs a sender that keeps state; use it on upload"
+            )
+        return self
+
+
 class DeploymentConfig(Section):
     """Settings that only the Flower deployment runtime reads (a simulation ignores them)."""
 
@@ -260,6 +286,7 @@ class RunConfig(Section):
     strategy: StrategyConfig = FedAvgConfig()
     training: TrainingConfig = TrainingConfig()
     peft: AdapterConfig | None = Field(None, description="train and federate a PEFT adapter instead of all weights")
+    communication: CommunicationConfig = CommunicationConfig()
     deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")

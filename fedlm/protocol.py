@@ -18,7 +18,41 @@ from typing import Any, ClassVar, Protocol, Self
 import torch
 
 from fedlm import wire
+from fedlm.core.compression import Codec, codec_from_spec, codec_spec
 from fedlm.errors import WireError
+
+
+@dataclass
+class Compressed:
+    """A flat float32 vector as a codec's parts (what travels) plus the codec's spec."""
+
+    spec: dict[str, Any]
+    parts: dict[str, torch.Tensor]
+    numel: int
+
+    @classmethod
+    def encode(cls, codec: Codec, vector: torch.Tensor) -> Compressed:
+        return cls(codec_spec(codec), codec.encode(vector), vector.numel())
+
+    def decode(self) -> torch.Tensor:
+        return codec_from_spec(self.spec).decode(self.parts, self.numel)
+
+
+def _pack(name: str, value: torch.Tensor | Compressed, tensors: dict, meta: dict) -> None:
+    if isinstance(value, Compressed):
+        tensors.update({f"{name}.{part}": tensor for part, tensor in value.parts.items()})
+        meta[f"{name}_codec"] = {**value.spec, "numel": value.numel}
+    else:
+        tensors[name] = value
+
+
+def _unpack(name: str, tensors: dict, meta: dict) -> torch.Tensor:
+    """Remove `name` (or its codec parts) from `tensors` and its codec from `meta`; the dense vector."""
+    spec = meta.pop(f"{name}_codec", None)
+    if spec is None:
+        return tensors.pop(name)
+    parts = {key[len(name) + 1 :]: tensors.pop(key) for key in list(tensors) if key.startswith(f"{name}.")}
+    return Compressed(spec, parts, int(spec["numel"])).decode()
 
 
 class WireMessage:
@@ -49,18 +83,21 @@ class _Instructions(WireMessage):
     reused; treat it as read-only once sent.
     """
 
-    parameters: torch.Tensor
+    parameters: torch.Tensor | Compressed  # Compressed only on the sending side
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's server control
     _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {**self.tensors, "parameters": self.parameters}, self.config
+        tensors, meta = dict(self.tensors), dict(self.config)
+        _pack("parameters", self.parameters, tensors, meta)
+        return tensors, meta
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Self:
-        tensors = dict(tensors)
-        return cls(parameters=tensors.pop("parameters"), config=meta, tensors=tensors)
+        tensors, meta = dict(tensors), dict(meta)
+        parameters = _unpack("parameters", tensors, meta)
+        return cls(parameters=parameters, config=meta, tensors=tensors)
 
     def to_bytes(self) -> bytes:
         if self._payload is None:
@@ -84,7 +121,7 @@ class EvaluateIns(_Instructions):
 class FitRes(WireMessage):
     """A client's update (delta from the parameters it received), its example count and metrics."""
 
-    delta: torch.Tensor
+    delta: torch.Tensor | Compressed  # Compressed only on the sending side
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
@@ -92,12 +129,14 @@ class FitRes(WireMessage):
     KIND: ClassVar[str] = "fit_res"
 
     def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {**self.extras, "delta": self.delta}, {"num_examples": self.num_examples, "metrics": self.metrics}
+        tensors, meta = dict(self.extras), {"num_examples": self.num_examples, "metrics": self.metrics}
+        _pack("delta", self.delta, tensors, meta)
+        return tensors, meta
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> FitRes:
-        extras = dict(tensors)
-        delta = extras.pop("delta")
+        extras, meta = dict(tensors), dict(meta)
+        delta = _unpack("delta", extras, meta)
         return cls(delta=delta, num_examples=int(meta["num_examples"]), metrics=meta["metrics"], extras=extras)
 
 
@@ -156,10 +195,19 @@ class ClientProtocol(Protocol):
 
 @dataclass
 class ByteCounter:
-    """Bytes sent down (server to client) and up (client to server), as serialized."""
+    """Bytes sent down (server to client) and up (client to server), as serialized, in total and
+    per client name."""
 
     down: int = 0
     up: int = 0
+    by_client: dict[str, list[int]] = field(default_factory=dict)  # name -> [down, up]
+
+    def add(self, name: str, down: int = 0, up: int = 0) -> None:
+        self.down += down
+        self.up += up
+        counts = self.by_client.setdefault(name, [0, 0])
+        counts[0] += down
+        counts[1] += up
 
 
 class ClientTransport(Protocol):
@@ -212,13 +260,13 @@ class LoopbackTransport:
             if deadline is not None and time.monotonic() > deadline:
                 replies[name] = "not started: the round deadline had passed"
                 continue
-            self.bytes.down += len(payload)
+            self.bytes.add(name, down=len(payload))
             try:
                 reply = handle(self.clients[name], payload).to_bytes()
             except Exception as error:  # a failing client must not end the run
                 replies[name] = f"{type(error).__name__}: {error}"
                 continue
-            self.bytes.up += len(reply)
+            self.bytes.add(name, up=len(reply))
             if deadline is not None and time.monotonic() > deadline:
                 replies[name] = "timed out: answered after the round deadline"
             elif self.max_reply_bytes is not None and len(reply) > self.max_reply_bytes:

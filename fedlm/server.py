@@ -24,6 +24,7 @@ import torch
 
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.core.client_metrics import metric_distribution
+from fedlm.core.compression import codec_from_spec
 from fedlm.core.lora import lora_aggregation_error, lora_pairs
 from fedlm.core.params import ParamSpec
 from fedlm.core.seeding import derive_seed
@@ -35,7 +36,7 @@ from fedlm.errors import ConfigError, FedlmError, ModelError
 from fedlm.models.adapters import is_adapted, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import quiet_transformers
-from fedlm.protocol import ClientInfo, ClientTransport, EvaluateIns, FitIns, FitRes, LoopbackTransport
+from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
 logger = logging.getLogger("fedlm")
@@ -118,6 +119,10 @@ class FedServer:
     ) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        # codec specs ({"kind": "int8", ...}, see fedlm.core.compression) for updates sent up and
+        # parameters sent down; the upload spec may add "error_feedback": true
+        self.upload_codec: dict[str, Any] | None = None
+        self.download_codec: dict[str, Any] | None = None
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
@@ -134,10 +139,17 @@ class FedServer:
             client.receive(ins, load_parameters=id(client.model) not in loaded)
             loaded.add(id(client.model))
 
-    def _fit_instructions(self, round_number: int, local_epochs: int) -> FitIns:
+    def _fit_instructions(self, round_number: int, local_epochs: int, compress: bool = False) -> FitIns:
+        """The round's instructions; `compress` applies the download codec (only for messages
+        that travel: `broadcast_model` hands clients the exact parameters)."""
         config, tensors = self.strategy.configure_fit(self.global_params)
         base = {"round": round_number, "epochs": local_epochs, "seed": self.seed}
-        return FitIns(self.global_params, {**base, **config}, tensors)
+        if self.upload_codec is not None:
+            base["upload_codec"] = self.upload_codec
+        parameters = self.global_params
+        if compress and self.download_codec is not None:
+            parameters = Compressed.encode(codec_from_spec(self.download_codec), parameters)
+        return FitIns(parameters, {**base, **config}, tensors)
 
     def aggregate_parameters(self) -> dict[str, Any]:
         """FedAvg (or the configured strategy) over the clients that trained since the last call."""
@@ -288,9 +300,10 @@ class FedServer:
         round_number = self.round + 1
         start = time.perf_counter()
         bytes_before = (self.transport.bytes.down, self.transport.bytes.up)
+        client_bytes_before = {name: tuple(counts) for name, counts in self.transport.bytes.by_client.items()}
 
         # 1-3. train the sampled clients; keep the valid updates
-        ins = self._fit_instructions(round_number, local_epochs)
+        ins = self._fit_instructions(round_number, local_epochs, compress=True)
         names = [client.name for client in self.sample_clients(round_number, clients_per_round)]
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
@@ -328,6 +341,14 @@ class FedServer:
         # 6. record
         record["bytes_down"] = self.transport.bytes.down - bytes_before[0]
         record["bytes_up"] = self.transport.bytes.up - bytes_before[1]
+        record["client_bytes"] = {
+            name: {
+                "down": down - client_bytes_before.get(name, (0, 0))[0],
+                "up": up - client_bytes_before.get(name, (0, 0))[1],
+            }
+            for name, (down, up) in self.transport.bytes.by_client.items()
+            if (down, up) != client_bytes_before.get(name, (0, 0))
+        }
         record["seconds"] = time.perf_counter() - start
         # what the round cost beyond training and evaluation (clients train one after the other in
         # process, side by side in a deployment)

@@ -65,6 +65,13 @@ def peft_config(settings: AdapterConfig) -> Any:
     return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens)
 
 
+def configure_communication(server: FedServer, config: RunConfig) -> None:
+    """The config's upload and download codecs, as the specs the server sends to clients."""
+    upload, download = config.communication.upload, config.communication.download
+    server.upload_codec = None if upload is None else upload.model_dump()
+    server.download_codec = None if download is None else download.model_dump(exclude={"error_feedback"})
+
+
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
@@ -89,5 +96,6 @@ def build_simulation(config: RunConfig) -> Federation:
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
     )
+    configure_communication(server, config)
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

@@ -52,8 +52,8 @@ def _record(header: dict, arrays: dict) -> RecordDict:
         ({"version": 1, "kind": "fit_res", "meta": {"num_examples": 1, "metrics": {}}}, {}, "malformed"),
         (
             {"version": 1, "kind": "fit_res", "meta": {"num_examples": 1, "metrics": {}}},
-            {"delta": Array(np.zeros(3, dtype=np.float16))},
-            "dtype float16",
+            {"delta": Array(np.zeros(3, dtype=np.float64))},
+            "dtype float64",
         ),
         (
             {"version": 1, "kind": "fit_res", "meta": {"num_examples": 1, "metrics": {}}},

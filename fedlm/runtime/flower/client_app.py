@@ -14,7 +14,7 @@ Each SuperNode is one client. What it holds comes from its node config
 Everything else (training options, seed) comes from the run config the server was started with.
 Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
 data and base model anew (BENCHMARKS.md has the cost); the client's own state between rounds
-(SCAFFOLD's control variate) stays on the node, in Flower's per-run node state. A client that
+(SCAFFOLD's control variate, error feedback's residual) stays on the node, in Flower's per-run node state. A client that
 cannot do what is asked (a missing or malformed file, labels the federation does not know)
 replies with an error record that names it and its file, and the server leaves it out.
 """
@@ -59,11 +59,13 @@ def train(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, FitIns)
         client = node.client(ins.config["labels"])
-        state = context.state.array_records.get(STATE)
-        client.control_variate = None if state is None else torch.from_numpy(state["control_variate"].numpy())
+        state = context.state.array_records.get(STATE, {})
+        for key in FedClient.STATE:
+            setattr(client, key, torch.from_numpy(state[key].numpy()) if key in state else None)
         result = client.fit(ins)
-        if client.control_variate is not None:
-            context.state[STATE] = ArrayRecord({"control_variate": Array(client.control_variate.numpy())})
+        kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
+        if kept:
+            context.state[STATE] = ArrayRecord({key: Array(value.numpy()) for key, value in kept.items()})
         return result
 
     return _answer(message, context, work)

@@ -22,7 +22,8 @@ from fedlm.protocol import WireMessage
 ARRAYS = "fedlm.arrays"
 HEADER = "fedlm.header"
 ERROR_KIND = "error"
-ALLOWED_DTYPES = ("float32", "int64")
+ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "int8", "int16")
+BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such tensors travel as their int16 bit patterns
 
 M = TypeVar("M", bound=WireMessage)
 
@@ -38,8 +39,13 @@ def error_record(text: str) -> RecordDict:
 
 
 def _record(kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> RecordDict:
-    arrays = {name: Array(tensor.detach().cpu().contiguous().numpy()) for name, tensor in tensors.items()}
-    header = json.dumps({"version": wire.FORMAT_VERSION, "kind": kind, "meta": meta})
+    arrays, bfloat16 = {}, []
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            tensor, bfloat16 = tensor.view(torch.int16), [*bfloat16, name]
+        arrays[name] = Array(tensor.numpy())
+    header = json.dumps({"version": wire.FORMAT_VERSION, "kind": kind, "meta": meta, BFLOAT16: bfloat16})
     return RecordDict({ARRAYS: ArrayRecord(arrays), HEADER: ConfigRecord({"json": header})})
 
 
@@ -75,6 +81,10 @@ def from_record(record: RecordDict, message_type: type[M]) -> M:
         except (TypeError, ValueError) as error:
             raise WireError(f"array {name!r} cannot be read: {error}") from None
         tensors[name] = torch.from_numpy(np.ascontiguousarray(values))
+        if name in header.get(BFLOAT16, []):
+            if tensors[name].dtype != torch.int16:
+                raise WireError(f"array {name!r} is marked bfloat16 but holds {array.dtype}")
+            tensors[name] = tensors[name].view(torch.bfloat16)
     try:
         return message_type.from_parts(tensors, meta)
     except (KeyError, TypeError, ValueError) as error:

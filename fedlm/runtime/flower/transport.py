@@ -63,7 +63,8 @@ class FlowerTransport:
         replies, pending = exchange(
             self.grid, message_type, record, {n: self.node_ids[n] for n in names}, deadline, group
         )
-        self.bytes.down += size * len(names)
+        for name in names:
+            self.bytes.add(name, down=size)
         answers: dict[str, Any] = {}
         for name in names:
             reply = replies.get(name)
@@ -74,7 +75,7 @@ class FlowerTransport:
                 answers[name] = f"Flower error {reply.error.code}: {reply.error.reason}"
                 continue
             reply_size = record_size(reply.content)
-            self.bytes.up += reply_size
+            self.bytes.add(name, up=reply_size)
             if self.max_reply_bytes is not None and reply_size > self.max_reply_bytes:
                 answers[name] = f"reply of {reply_size:,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes"
                 continue
