@@ -213,9 +213,10 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["auto"] = Field(
         "auto", description="module names to adapt; auto: PEFT's defaults for the architecture (query, value for BERT)"
     )
-    aggregation: Literal["fedit", "ffa"] = Field(
+    aggregation: Literal["fedit", "ffa", "svd"] = Field(
         "fedit",
-        description="fedit: average A and B separately (inexact); ffa: freeze A at its shared init, federate B only (exact)",
+        description="fedit: average A and B separately (inexact); ffa: freeze A at its shared init, federate B only "
+        "(exact); svd: re-factor the exact average of the products B A to rank r (best rank-r approximation)",
     )
 
 

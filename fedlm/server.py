@@ -25,7 +25,7 @@ import torch
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.core.client_metrics import metric_distribution
 from fedlm.core.compression import codec_from_spec
-from fedlm.core.lora import lora_aggregation_error, lora_pairs
+from fedlm.core.lora import lora_aggregation_error, lora_pairs, svd_refactor
 from fedlm.core.params import ParamSpec
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
@@ -123,6 +123,9 @@ class FedServer:
         # parameters sent down; the upload spec may add "error_feedback": true
         self.upload_codec: dict[str, Any] | None = None
         self.download_codec: dict[str, Any] | None = None
+        # LoRA factors: "fedit" keeps the strategy's average of A and B, "svd" re-factors the exact
+        # average of the products (fedlm.core.lora); "ffa" needs no step (A is frozen, not federated)
+        self.lora_aggregation = "fedit"
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
@@ -160,11 +163,25 @@ class FedServer:
                 self._accept(client.name, result, updates, dropped)
         if not updates:
             raise FedlmError("no client has a new update to aggregate; call client.local_train() first")
-        self.global_params = self.strategy.aggregate(self.global_params, updates)
+        aggregation = self._aggregate(updates)
         self.round += 1
-        record = {"round": self.round, "clients": len(updates), "dropped": dropped, **_train_summary(updates)}
+        record = {"round": self.round, "clients": len(updates), "dropped": dropped, **aggregation}
         self.history.append(record)
         return record
+
+    def _aggregate(self, updates: list[ClientUpdate]) -> dict[str, Any]:
+        """The strategy's step, then for LoRA adapters the configured re-factoring (`svd`) and the
+        aggregation error it leaves; returns the training summary for the round's record."""
+        previous = self.global_params
+        self.global_params = self.strategy.aggregate(previous, updates)
+        summary = _train_summary(updates)
+        if self.lora_pairs:
+            if self.lora_aggregation == "svd":
+                self.global_params = svd_refactor(previous, self.global_params, updates, self.lora_pairs)
+            summary["lora_aggregation_error"] = lora_aggregation_error(
+                previous, self.global_params, updates, self.lora_pairs
+            )
+        return summary
 
     def get_model(self) -> torch.nn.Module:
         """A transformers model holding the global parameters (a copy: later rounds do not change it)."""
@@ -316,13 +333,7 @@ class FedServer:
 
         # 4. aggregate, or skip the round when too few clients remain
         if len(updates) >= self.min_clients:
-            previous = self.global_params
-            self.global_params = self.strategy.aggregate(self.global_params, updates)
-            record.update(_train_summary(updates))
-            if self.lora_pairs:  # what averaging A and B separately cost, per layer
-                record["lora_aggregation_error"] = lora_aggregation_error(
-                    previous, self.global_params, updates, self.lora_pairs
-                )
+            record.update(self._aggregate(updates))
         else:
             logger.warning(
                 "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",

@@ -65,11 +65,14 @@ def peft_config(settings: AdapterConfig) -> Any:
     return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens)
 
 
-def configure_communication(server: FedServer, config: RunConfig) -> None:
-    """The config's upload and download codecs, as the specs the server sends to clients."""
+def configure_aggregation(server: FedServer, config: RunConfig) -> None:
+    """The config's upload and download codecs (as the specs the server sends to clients) and its
+    LoRA aggregation mode."""
     upload, download = config.communication.upload, config.communication.download
     server.upload_codec = None if upload is None else upload.model_dump()
     server.download_codec = None if download is None else download.model_dump(exclude={"error_feedback"})
+    if isinstance(config.peft, LoraConfig):
+        server.lora_aggregation = config.peft.aggregation
 
 
 def build_simulation(config: RunConfig) -> Federation:
@@ -96,6 +99,6 @@ def build_simulation(config: RunConfig) -> Federation:
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
     )
-    configure_communication(server, config)
+    configure_aggregation(server, config)
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

@@ -92,3 +92,13 @@ def test_merged_and_adapter_exports_reload_and_predict_the_same(config_data_fact
         assert torch.allclose(unmerged(**batch).logits, expected, atol=1e-6)
     assert not any("lora" in key for key in merged.state_dict())
     assert (adapter_folder / "adapter_config.json").exists()
+
+
+def test_svd_aggregation_leaves_less_error_than_averaging_factors(config_data_factory):
+    def first_round_error(aggregation: str) -> float:
+        peft_settings = {"method": "lora", "r": 2, "aggregation": aggregation}
+        simulation = build_simulation(parse_config(config_data_factory(num_clients=3, rounds=1, peft=peft_settings)))
+        return simulation.server.fit(rounds=1)[0]["lora_aggregation_error"]["overall"]
+
+    fedit, svd = first_round_error("fedit"), first_round_error("svd")
+    assert 0 <= svd < fedit

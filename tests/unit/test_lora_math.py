@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fedlm.core.lora import lora_aggregation_error, lora_pairs
+from fedlm.core.lora import lora_aggregation_error, lora_pairs, svd_refactor
 from fedlm.core.params import ParamSpec
 from fedlm.core.strategies import FedAvg
 from fedlm.core.update import ClientUpdate
@@ -63,3 +63,37 @@ def test_fedit_error_matches_dense_matrices_and_is_zero_when_clients_agree():
         ]
         < 1e-6
     )
+
+
+def test_svd_refactor_is_the_best_rank_r_approximation_and_beats_averaging_factors():
+    generator = torch.Generator().manual_seed(1)
+    global_params = torch.randn(SPEC.numel, generator=generator)
+    updates = [ClientUpdate(torch.randn(SPEC.numel, generator=generator), n) for n in (10, 30, 60)]
+    averaged = FedAvg().aggregate(global_params, updates)
+    refactored = svd_refactor(global_params, averaged, updates, lora_pairs(SPEC))
+    assert torch.equal(refactored[18:30], averaged[18:30])  # the classifier is left as the strategy set it
+    svd_errors = lora_aggregation_error(global_params, refactored, updates, lora_pairs(SPEC))
+    fedit_errors = lora_aggregation_error(global_params, averaged, updates, lora_pairs(SPEC))
+    for pair in lora_pairs(SPEC):
+        exact = sum(
+            n
+            / 100
+            * (
+                (global_params + u.delta)[pair.b].reshape(pair.b_shape)
+                @ (global_params + u.delta)[pair.a].reshape(pair.a_shape)
+            )
+            for u, n in zip(updates, (10, 30, 60))
+        )
+        singular = torch.linalg.svdvals(exact.double())
+        rank = pair.a_shape[0]
+        eckart_young = float(singular[rank:].square().sum().sqrt() / singular.square().sum().sqrt())
+        assert math.isclose(svd_errors[pair.layer], eckart_young, rel_tol=1e-4, abs_tol=1e-9)
+        assert svd_errors[pair.layer] <= fedit_errors[pair.layer] + 1e-9
+
+
+def test_svd_refactor_of_one_client_is_exact():
+    generator = torch.Generator().manual_seed(2)
+    global_params = torch.randn(SPEC.numel, generator=generator)
+    single = [ClientUpdate(torch.randn(SPEC.numel, generator=generator), 5)]
+    refactored = svd_refactor(global_params, FedAvg().aggregate(global_params, single), single, lora_pairs(SPEC))
+    assert lora_aggregation_error(global_params, refactored, single, lora_pairs(SPEC))["overall"] < 1e-6

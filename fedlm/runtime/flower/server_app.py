@@ -28,7 +28,7 @@ from fedlm.models.federated import federated_spec
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import build_model, build_strategy, configure_communication
+from fedlm.runtime.local import build_model, build_strategy, configure_aggregation
 from fedlm.runtime.rounds import Federation, round_line, run_federation
 from fedlm.server import FedServer
 
@@ -143,7 +143,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
     )
-    configure_communication(server, config)
+    configure_aggregation(server, config)
     validation = None
     if config.data.validation_file is not None:
         validation = server.encode_dataset(
