@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import sys
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -103,3 +104,22 @@ def freeze_lora_a(model: torch.nn.Module) -> None:
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model with the adapter folded into the base weights."""
     return copy.deepcopy(model).merge_and_unload()
+
+
+def load_adapter(base: torch.nn.Module, folder: str | Path) -> torch.nn.Module:
+    """`base` with the PEFT adapter saved in `folder` (`FedServer.save(..., merge_lora=False)`);
+    a `ModelError` naming both when the adapter was trained on another base or label count."""
+    from peft import PeftModel
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise ModelError(f"{folder} holds no PEFT adapter (no adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(base, str(folder))
+    except (RuntimeError, ValueError, KeyError) as error:
+        reason = str(error).strip().splitlines()
+        raise ModelError(
+            f"the adapter in {folder} does not fit the {_model_type(base)} base model "
+            f"{getattr(base, 'name_or_path', '')!r} ({reason[0] if reason else type(error).__name__}"
+            f"{'; ' + reason[1].strip() if len(reason) > 1 else ''}); load the base model, with the label count, "
+            "that the adapter was trained on"
+        ) from None

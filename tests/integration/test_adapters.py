@@ -102,3 +102,19 @@ def test_svd_aggregation_leaves_less_error_than_averaging_factors(config_data_fa
 
     fedit, svd = first_round_error("fedit"), first_round_error("svd")
     assert 0 <= svd < fedit
+
+
+def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(config_data_factory, tmp_path):
+    from conftest import build_tiny_model_folder
+    from fedlm.models import load_classifier
+    from fedlm.models.adapters import load_adapter
+
+    simulation = build_simulation(
+        parse_config(config_data_factory(num_clients=2, rounds=1, peft={"method": "lora", "r": 4}))
+    )
+    folder = simulation.server.save(tmp_path / "adapter", merge_lora=False)
+    other_base = load_classifier(str(build_tiny_model_folder(tmp_path / "wider", hidden_size=64)), num_labels=3, seed=0)
+    with pytest.raises(ModelError, match=r"adapter in .*adapter does not fit the bert base model .*wider"):
+        load_adapter(other_base, folder)
+    with pytest.raises(ModelError, match="no PEFT adapter"):
+        load_adapter(other_base, tmp_path)
