@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr-full", type=float, default=1e-4)
-    parser.add_argument("--lr-lora", type=float, default=1e-3)
+    parser.add_argument("--lr-lora", type=float, default=5e-3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     args = parser.parse_args()
     rows = []
