@@ -413,6 +413,11 @@ def _check_models(clients: list[FedClient], spec: ParamSpec) -> None:
         if client.model is clients[0].model:
             continue
         difference = spec.first_difference(federated_spec(client.model))
+        if difference and ".lora_" in difference:
+            raise ModelError(
+                f"client {client.name}: its LoRA adapter differs from client {clients[0].name}'s: {difference}; "
+                "the LoRA aggregation modes (fedit, ffa, svd) need every client to use the same rank and target modules"
+            )
         if difference:
             raise ModelError(
                 f"client {client.name}: its model's federated parameters differ from client "

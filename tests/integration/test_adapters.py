@@ -118,3 +118,13 @@ def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(config_data_factory
         load_adapter(other_base, folder)
     with pytest.raises(ModelError, match="no PEFT adapter"):
         load_adapter(other_base, tmp_path)
+
+
+def test_clients_with_different_lora_ranks_are_a_clear_error(load_tiny):
+    clients = [
+        FedClient(make_records(8, seed=0), load_tiny(3), name="r4", peft=lora_config(target_modules=["query"])),
+        FedClient(make_records(8, seed=1), load_tiny(3), name="r8",
+                  peft=peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query"])),
+    ]  # fmt: skip
+    with pytest.raises(ModelError, match=r"client r8: its LoRA adapter differs from client r4's: .*same rank"):
+        FedServer(clients)
