@@ -65,10 +65,14 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, strategy)
     metrics = [(folder / "out" / "metrics.jsonl").read_text().splitlines() for folder in (straight, interrupted)]
     assert [json.loads(line)["round"] for line in metrics[1]] == list(range(7))
 
-    # The parameters are bit-identical (above), and so are the metrics, except timings and bytes_up,
-    # whose reply headers carry the timings as JSON text (a longer number, 8 more bytes).
+    # The parameters are bit-identical (above), and so are the metrics, except timings and bytes up
+    # (total and per client), whose reply headers carry the timings as JSON text (a longer number,
+    # 8 more bytes).
     def comparable(line):
-        return {k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "bytes_up"}
+        record = {k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "bytes_up"}
+        if "client_bytes" in record:
+            record["client_bytes"] = {name: counts["down"] for name, counts in record["client_bytes"].items()}
+        return record
 
     for straight_line, resumed_line in zip(metrics[0], metrics[1], strict=True):
         expected, actual = comparable(straight_line), comparable(resumed_line)
