@@ -2,9 +2,10 @@
 
 Methods on the same partition and rounds (all-MiniLM-L6-v2, BBC News, 4 IID clients): full
 fine-tuning; LoRA r=8 on the attention projections (query, value) with FedIT averaging, with
-SVD re-factoring, with FFA (A frozen); LoRA with int8 uploads. Reports trainable (federated)
-parameters, bytes uploaded per client per round (measured), federated-validation accuracy after
-the last round, seconds per round, and a local training step time for LoRA vs full.
+SVD re-factoring, with FFA (A frozen), with FLoRA-style stacking; clients of ranks 4, 8, 16 and 8
+with svd and with stack; LoRA with int8 uploads. Reports the global model's trainable parameters,
+bytes uploaded and downloaded per client per round (measured), federated-validation accuracy
+after the last round, seconds per round, and a local training step time for LoRA vs full.
 
 Prints a table and writes benchmarks/results/lora.json. Not a test: nothing asserts time.
 """
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm.config import parse_config
+from fedlm.models.federated import federated_spec
 from fedlm.runtime import build_simulation
 
 METHODS = {
@@ -27,6 +29,11 @@ METHODS = {
     "LoRA r=8 fedit": {"peft": {"method": "lora", "r": 8, "aggregation": "fedit"}},
     "LoRA r=8 svd": {"peft": {"method": "lora", "r": 8, "aggregation": "svd"}},
     "LoRA r=8 ffa": {"peft": {"method": "lora", "r": 8, "aggregation": "ffa"}},
+    "LoRA r=8 stack": {"peft": {"method": "lora", "r": 8, "aggregation": "stack"}},
+    "LoRA r=4/8/16/8 svd": {"peft": {"method": "lora", "r": 16, "client_ranks": [4, 8, 16, 8], "aggregation": "svd"}},
+    "LoRA r=4/8/16/8 stack": {
+        "peft": {"method": "lora", "r": 16, "client_ranks": [4, 8, 16, 8], "aggregation": "stack"}
+    },
     "LoRA r=8 fedit + int8 upload": {
         "peft": {"method": "lora", "r": 8, "aggregation": "fedit"},
         "communication": {"upload": {"kind": "int8", "block": 2048}},
@@ -71,8 +78,9 @@ def main() -> None:
         rows.append(
             {
                 "method": name,
-                "federated_parameters": simulation.server.spec.numel,
+                "trained_parameters": federated_spec(simulation.server.get_model()).numel,
                 "upload_bytes_per_client_round": statistics.mean(r["bytes_up"] for r in history) / clients,
+                "download_bytes_per_client_round": statistics.mean(r["bytes_down"] for r in history) / clients,
                 "val_accuracy": history[-1]["val_accuracy"],
                 "seconds_per_round": statistics.mean(r["seconds"] for r in history),
                 "step_seconds": statistics.mean(r["train_seconds"] / r["train_examples"] * 16 for r in history),
@@ -83,8 +91,9 @@ def main() -> None:
     table = Table(title=f"{args.clients} clients, {args.rounds} rounds, {args.examples} BBC articles, all-MiniLM-L6-v2")
     for column in (
         "method",
-        "federated params",
+        "trained params",
         "upload / client / round",
+        "download",
         "vs full",
         "val acc",
         "s / round",
@@ -100,8 +109,8 @@ def main() -> None:
         )
         error = "" if row["lora_error"] is None else f"{row['lora_error']:.3f}"
         table.add_row(
-            row["method"], f"{row['federated_parameters']:,}", f"{row['upload_bytes_per_client_round'] / 1e6:.2f} MB",
-            ratio, f"{row['val_accuracy']:.3f}", f"{row['seconds_per_round']:.1f}", f"{row['step_seconds']:.3f}", error,
+            row["method"], f"{row['trained_parameters']:,}", f"{row['upload_bytes_per_client_round'] / 1e6:.2f} MB",
+            f"{row['download_bytes_per_client_round'] / 1e6:.2f} MB", ratio, f"{row['val_accuracy']:.3f}", f"{row['seconds_per_round']:.1f}", f"{row['step_seconds']:.3f}", error,
         )  # fmt: skip
     Console(width=160).print(table)
     out = Path(__file__).parent / "results" / "lora.json"

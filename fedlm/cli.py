@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,23 @@ def _run(config: RunConfig, resume: bool = False) -> None:
     last = history[-1]
     if "val_accuracy" in last:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
-    total_up = sum(record["bytes_up"] for record in history)
-    total_down = sum(record["bytes_down"] for record in history)
-    console.print(
-        f"sent up {megabytes(total_up)}, down {megabytes(total_down)}; model saved to {Path(config.output_dir) / 'model'}"
-    )
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    console.print(bytes_table(summary))
+    console.print(f"model saved to {Path(config.output_dir) / 'model'}")
+
+
+def bytes_table(summary: dict[str, Any], max_rows: int = 20) -> Table:
+    """Bytes each client received and sent over the whole run, and the totals."""
+    title = f"sent down {megabytes(summary['bytes_down'])}, up {megabytes(summary['bytes_up'])} (measured on the wire)"
+    table = Table(title=title, title_justify="left")
+    for column in ("client", "down", "up"):
+        table.add_column(column, justify="left" if column == "client" else "right")
+    clients = list(summary["clients"].items())
+    for name, moved in clients[:max_rows]:
+        table.add_row(name, megabytes(moved["down"]), megabytes(moved["up"]))
+    if len(clients) > max_rows:
+        table.add_row(f"... {len(clients) - max_rows} more (see summary.json)")
+    return table
 
 
 def partition_line(summary: dict[str, Any]) -> str:

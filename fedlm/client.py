@@ -146,18 +146,24 @@ class FedClient:
         control); the next update is measured from these parameters. `load_parameters=False`
         when this client's (shared) model already holds them."""
         if load_parameters:
-            set_federated_vector(self.model, ins.parameters)
+            self._load(ins)
         self._instructions = ins
+
+    def _load(self, ins: FitIns | EvaluateIns) -> torch.Tensor:
+        """Load the message's parameters into the model; returns the trainable ones."""
+        set_federated_vector(self.model, ins.parameters, lora_base=bool(ins.config.get("lora_base")))
+        return self.get_parameters()
 
     # ---- the seed API ------------------------------------------------------------------------
 
     def local_train(self, epochs: int = 1) -> dict[str, float]:
-        """Train on this client's data for `epochs`; the update waits for `aggregate_parameters`."""
+        """Train on this client's data for `epochs` from the last parameters it received; the
+        update waits for `aggregate_parameters`."""
         if self._instructions is None:
             self._instructions = FitIns(self.get_parameters(), {})
         self._local_train_calls += 1
         seed = derive_seed(self.options.seed, self._local_train_calls, self.name)
-        self._pending = self._train(self._instructions, epochs, seed)
+        self._pending = self._train(self._instructions, self._load(self._instructions), epochs, seed)
         return self._pending.metrics
 
     def take_update(self) -> FitRes | None:
@@ -169,9 +175,9 @@ class FedClient:
 
     def fit(self, ins: FitIns) -> FitRes:
         """Load the global parameters, train for `ins.config['epochs']`, return the delta."""
-        set_federated_vector(self.model, ins.parameters)
+        received = self._load(ins)
         seed = derive_seed(ins.config.get("seed", self.options.seed), ins.config.get("round", 0), self.name)
-        result = self._train(ins, int(ins.config.get("epochs", 1)), seed)
+        result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
         if "upload_codec" in ins.config:
             result.delta = self._compress(result.delta, ins.config["upload_codec"])
         return result
@@ -191,7 +197,7 @@ class FedClient:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""
         if not self.has_test_data:
             return EvaluateRes(0, {})
-        set_federated_vector(self.model, ins.parameters)
+        self._load(ins)
         test = self.encoded("test")
         metrics = evaluate_model(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
         return EvaluateRes(len(test), metrics)
@@ -201,9 +207,9 @@ class FedClient:
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def _train(self, ins: FitIns, epochs: int, seed: int) -> FitRes:
-        """Local training from `ins.parameters` (already loaded), with FedProx's proximal term
-        and SCAFFOLD's gradient correction when `ins` asks for them."""
+    def _train(self, ins: FitIns, received: torch.Tensor, epochs: int, seed: int) -> FitRes:
+        """Local training from the trainable parameters `received` (already loaded), with FedProx's
+        proximal term and SCAFFOLD's gradient correction when `ins` asks for them."""
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"client {self.name}: epochs must be a positive integer, got {epochs!r}")
         data, options = self.encoded(), self.options
@@ -211,11 +217,11 @@ class FedClient:
         params = [param for param in model.parameters() if param.requires_grad]
         spec = federated_spec(model)
         proximal_mu = float(ins.config.get("proximal_mu", 0.0))
-        centers = unflatten(ins.parameters, spec) if proximal_mu > 0 else None
+        centers = unflatten(received, spec) if proximal_mu > 0 else None
         correction = None
         if ins.config.get("scaffold"):
             if self.control_variate is None:
-                self.control_variate = torch.zeros_like(ins.parameters)
+                self.control_variate = torch.zeros_like(received)
             correction = unflatten(ins.tensors["server_control"] - self.control_variate, spec)
         optimizer = self._optimizer(params)
         steps_per_epoch = -(-len(data) // options.batch_size)
@@ -249,7 +255,7 @@ class FedClient:
             "seconds": seconds,
             "samples_per_second": epochs * len(data) / seconds,
         }
-        delta = self.get_parameters() - ins.parameters
+        delta = self.get_parameters() - received
         extras = {}
         if correction is not None:
             # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)

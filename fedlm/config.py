@@ -213,11 +213,28 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["auto"] = Field(
         "auto", description="module names to adapt; auto: PEFT's defaults for the architecture (query, value for BERT)"
     )
-    aggregation: Literal["fedit", "ffa", "svd"] = Field(
+    aggregation: Literal["fedit", "ffa", "stack", "svd"] = Field(
         "fedit",
         description="fedit: average A and B separately (inexact); ffa: freeze A at its shared init, federate B only "
-        "(exact); svd: re-factor the exact average of the products B A to rank r (best rank-r approximation)",
+        "(exact); stack: add the exact average of the products B A to the base weights each round (exact; the "
+        "adapted layers' weights travel down); svd: re-factor the exact average of B A to rank r (best rank-r "
+        "approximation)",
     )
+    client_ranks: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="LoRA ranks given to the clients in turn (client i: client_ranks[i % len]), for stack and svd; "
+        "the largest must be r, the global rank. A SuperNode takes its rank from --node-config lora-rank",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> LoraConfig:
+        if self.client_ranks is None:
+            return self
+        if self.aggregation not in ("stack", "svd"):
+            raise ValueError(f"client_ranks needs aggregation stack or svd, not {self.aggregation}")
+        if max(self.client_ranks) != self.r:
+            raise ValueError(f"r (the global rank, {self.r}) must be the largest of client_ranks {self.client_ranks}")
+        return self
 
 
 class Ia3Config(Section):

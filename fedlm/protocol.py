@@ -11,7 +11,7 @@ through Flower's deployment engine.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, Self
 
@@ -79,8 +79,9 @@ class WireMessage:
 class _Instructions(WireMessage):
     """Global parameters plus a config (round number, local epochs, ...), sent by the server.
 
-    One instance goes to every client sampled in a round, so its bytes are encoded once and
-    reused; treat it as read-only once sent.
+    One instance goes to every client with the same parameter layout in a round, so its bytes
+    are encoded once and reused; treat it as read-only once sent. With `config["lora_base"]`, the
+    parameters also hold the base weights of the LoRA-adapted layers (stack aggregation).
     """
 
     parameters: torch.Tensor | Compressed  # Compressed only on the sending side
@@ -163,6 +164,7 @@ class ClientInfo(WireMessage):
     num_examples: int
     num_test_examples: int
     labels: list[str]  # label keys of its training data
+    lora_rank: int | None = None  # its LoRA rank, when it may differ from the global one
 
     KIND: ClassVar[str] = "client_info"
 
@@ -176,11 +178,18 @@ class ClientInfo(WireMessage):
             "num_examples": self.num_examples,
             "num_test_examples": self.num_test_examples,
             "labels": self.labels,
+            "lora_rank": self.lora_rank,
         }
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ClientInfo:
-        return cls(str(meta["name"]), int(meta["num_examples"]), int(meta["num_test_examples"]), list(meta["labels"]))
+        return cls(
+            str(meta["name"]),
+            int(meta["num_examples"]),
+            int(meta["num_test_examples"]),
+            list(meta["labels"]),
+            None if meta.get("lora_rank") is None else int(meta["lora_rank"]),
+        )
 
 
 class ClientProtocol(Protocol):
@@ -225,11 +234,11 @@ class ClientTransport(Protocol):
         """The client's name as logs should show it (with its network address or node id)."""
         ...
 
-    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]: ...
+    def fit(self, messages: Mapping[str, FitIns], deadline: float | None) -> dict[str, FitRes | str]:
+        """Send each named client its message (clients often share one message object)."""
+        ...
 
-    def evaluate(
-        self, names: Sequence[str], ins: EvaluateIns, deadline: float | None
-    ) -> dict[str, EvaluateRes | str]: ...
+    def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]: ...
 
 
 class LoopbackTransport:
@@ -245,18 +254,18 @@ class LoopbackTransport:
     def describe(self, name: str) -> str:
         return name
 
-    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
-        return self._exchange(names, ins, deadline, lambda client, data: client.fit(FitIns.from_bytes(data)), FitRes)
+    def fit(self, messages: Mapping[str, FitIns], deadline: float | None) -> dict[str, FitRes | str]:
+        return self._exchange(messages, deadline, lambda client, data: client.fit(FitIns.from_bytes(data)), FitRes)
 
-    def evaluate(self, names: Sequence[str], ins: EvaluateIns, deadline: float | None) -> dict[str, EvaluateRes | str]:
+    def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]:
         return self._exchange(
-            names, ins, deadline, lambda client, data: client.evaluate(EvaluateIns.from_bytes(data)), EvaluateRes
+            messages, deadline, lambda client, data: client.evaluate(EvaluateIns.from_bytes(data)), EvaluateRes
         )
 
-    def _exchange(self, names, ins, deadline, handle, reply_type) -> dict[str, Any]:
-        payload = ins.to_bytes()
+    def _exchange(self, messages, deadline, handle, reply_type) -> dict[str, Any]:
         replies: dict[str, Any] = {}
-        for name in names:
+        for name, message in messages.items():
+            payload = message.to_bytes()
             if deadline is not None and time.monotonic() > deadline:
                 replies[name] = "not started: the round deadline had passed"
                 continue

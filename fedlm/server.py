@@ -25,21 +25,26 @@ import torch
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.core.client_metrics import metric_distribution
 from fedlm.core.compression import codec_from_spec
-from fedlm.core.lora import lora_aggregation_error, lora_pairs, svd_refactor
-from fedlm.core.params import ParamSpec
+from fedlm.core.layout import ClientLayout, with_rank
+from fedlm.core.lora import fold_products, lora_aggregation_error, lora_pairs, svd_refactor
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, FedlmError, ModelError
-from fedlm.models.adapters import is_adapted, merged_copy
+from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import quiet_transformers
 from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
 logger = logging.getLogger("fedlm")
+
+# how LoRA factors are aggregated (fedlm.core.lora): fedit averages A and B (inexact); ffa needs no
+# step (A is frozen, not federated); stack folds the exact average of the products into the base
+# weights; svd re-factors it to the global rank. stack and svd accept clients of lower ranks.
+LORA_AGGREGATIONS = ("fedit", "ffa", "stack", "svd")
 
 
 class FedServer:
@@ -50,6 +55,9 @@ class FedServer:
     labels, and broadcasts the first client's parameters so that every client starts from the
     same global model; messages go through a `LoopbackTransport`. A deployment runtime builds the
     server with `over_transport` instead: clients are `ClientInfo`s of remote nodes.
+
+    `lora_aggregation` (see `LORA_AGGREGATIONS`) applies to LoRA adapters. With `stack` or `svd`
+    clients may hold adapters of different ranks; the global adapter has the largest.
     """
 
     def __init__(
@@ -60,18 +68,18 @@ class FedServer:
         seed: int = 0,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        lora_aggregation: str = "fedit",
     ) -> None:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
         clients = list(clients)
         _name_clients(clients)
-        model = clients[0].model
-        spec = federated_spec(model)
-        _check_models(clients, spec)
+        model = _largest_model(clients)
+        _check_same_models(clients, lora_aggregation)
         label_map = _build_label_map(model, clients)
         # an update and at most two strategy vectors of the same size, plus headers
-        transport = LoopbackTransport(clients, max_reply_bytes=3 * 4 * spec.numel + (1 << 20))
-        self._setup(clients, transport, model, clients[0].tokenizer, label_map, clients[0].options)
+        transport = LoopbackTransport(clients, max_reply_bytes=3 * 4 * federated_spec(model).numel + (1 << 20))
+        self._setup(clients, transport, model, clients[0].tokenizer, label_map, clients[0].options, lora_aggregation)
         self._configure_rounds(strategy, seed, min_clients, round_timeout)
         self.broadcast_model()
 
@@ -89,6 +97,7 @@ class FedServer:
         seed: int = 0,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        lora_aggregation: str = "fedit",
     ) -> FedServer:
         """A server over clients that live elsewhere: `transport` reaches them by name, `model`
         holds the initial global parameters and evaluates them, `options` sets evaluation's batch
@@ -96,11 +105,13 @@ class FedServer:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
         server = cls.__new__(cls)
-        server._setup(list(clients), transport, model, tokenizer, label_map, options)
+        server._setup(list(clients), transport, model, tokenizer, label_map, options, lora_aggregation)
         server._configure_rounds(strategy, seed, min_clients, round_timeout)
         return server
 
-    def _setup(self, clients, transport, model, tokenizer, label_map, options) -> None:
+    def _setup(self, clients, transport, model, tokenizer, label_map, options, lora_aggregation) -> None:
+        if lora_aggregation not in LORA_AGGREGATIONS:
+            raise ConfigError(f"lora_aggregation must be one of {list(LORA_AGGREGATIONS)}, got {lora_aggregation!r}")
         self.clients = clients
         self.transport = transport
         self.label_map = label_map
@@ -109,10 +120,51 @@ class FedServer:
         self.history: list[dict[str, Any]] = []
         self._model = model
         self._tokenizer = tokenizer
-        self.spec = federated_spec(model)
-        self.global_params = get_federated_vector(model)
+        self.lora_aggregation = lora_aggregation
+        # stack folds the adapters into the adapted layers' base weights, which then travel down
+        self.lora_base = lora_aggregation == "stack" and bool(lora_pairs(federated_spec(model)))
+        if self.lora_base:
+            check_foldable(model)
+        self.spec = federated_spec(model, self.lora_base)
+        self.global_params = get_federated_vector(model, self.lora_base)
+        self._initial_params = self.global_params.clone() if self.lora_base else None
         self.lora_pairs = lora_pairs(self.spec)
+        self.lora_scalings = lora_scalings(model) if self.lora_pairs else {}
+        self.lora_rank = max((pair.a_shape[0] for pair in self.lora_pairs), default=0)
+        self.layouts = self._client_layouts()
         self._eval_model: torch.nn.Module | None = None
+
+    def _client_layouts(self) -> dict[str, ClientLayout]:
+        """The layouts of clients whose vectors are not the global vector (lower LoRA ranks, or
+        stack's base weights that travel down only), by name."""
+        layouts = {}
+        for client in self.clients:
+            if isinstance(client, FedClient):
+                download = federated_spec(client.model, self.lora_base)
+                upload = federated_spec(client.model)
+                scalings = lora_scalings(client.model) if self.lora_pairs else {}
+                b_scale = {layer: scalings.get(layer, scale) / scale for layer, scale in self.lora_scalings.items()}
+            elif client.lora_rank is not None or self.lora_base:
+                # a node built its model from the run config: the global alpha, its own rank
+                rank = client.lora_rank or self.lora_rank
+                download = with_rank(self.spec, rank)
+                upload = with_rank(self.spec, rank, drop=(".base_layer.weight",))
+                b_scale = dict.fromkeys(self.lora_scalings, self.lora_rank / rank)
+            else:
+                continue
+            try:
+                layout = ClientLayout(self.spec, download, upload, b_scale)
+            except ValueError as error:
+                raise ModelError(f"client {client.name}: its model does not fit the global model: {error}") from None
+            if not layout.same_ranks and self.lora_aggregation not in ("stack", "svd"):
+                raise ModelError(
+                    f"client {client.name}: its LoRA adapter has a lower rank than the global adapter; "
+                    f"lora_aggregation {self.lora_aggregation} needs every client to use the same rank "
+                    "(stack and svd accept different ranks)"
+                )
+            if not layout.is_identity:
+                layouts[client.name] = layout
+        return layouts
 
     def _configure_rounds(
         self, strategy: Strategy | None, seed: int, min_clients: int, round_timeout: float | None
@@ -123,9 +175,6 @@ class FedServer:
         # parameters sent down; the upload spec may add "error_feedback": true
         self.upload_codec: dict[str, Any] | None = None
         self.download_codec: dict[str, Any] | None = None
-        # LoRA factors: "fedit" keeps the strategy's average of A and B, "svd" re-factors the exact
-        # average of the products (fedlm.core.lora); "ffa" needs no step (A is frozen, not federated)
-        self.lora_aggregation = "fedit"
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
@@ -136,23 +185,52 @@ class FedServer:
     def broadcast_model(self) -> None:
         """Send the global parameters and the strategy's round instructions to every client
         (parameters are loaded once per distinct model object)."""
-        ins = self._fit_instructions(self.round + 1, local_epochs=1)
+        clients = self._local_clients("broadcast_model")
+        messages = self._fit_messages([client.name for client in clients], self.round + 1, 1, compress=False)
         loaded: set[int] = set()
-        for client in self._local_clients("broadcast_model"):
-            client.receive(ins, load_parameters=id(client.model) not in loaded)
+        for client in clients:
+            client.receive(messages[client.name], load_parameters=id(client.model) not in loaded)
             loaded.add(id(client.model))
 
-    def _fit_instructions(self, round_number: int, local_epochs: int, compress: bool = False) -> FitIns:
-        """The round's instructions; `compress` applies the download codec (only for messages
-        that travel: `broadcast_model` hands clients the exact parameters)."""
+    def _fit_messages(
+        self, names: list[str], round_number: int, local_epochs: int, compress: bool = True
+    ) -> dict[str, FitIns]:
+        """Each named client's instructions for the round; `compress` applies the download codec
+        (only to messages that travel: `broadcast_model` hands clients the exact parameters)."""
         config, tensors = self.strategy.configure_fit(self.global_params)
-        base = {"round": round_number, "epochs": local_epochs, "seed": self.seed}
+        if tensors and any(not layout.same_ranks for layout in self.layouts.values()):
+            raise ConfigError(
+                f"{type(self.strategy).__name__} sends per-parameter state to clients, which clients of lower "
+                "LoRA ranks cannot use; give every client the same rank or choose another strategy"
+            )
+        base = {"round": round_number, "epochs": local_epochs, "seed": self.seed, **config}
         if self.upload_codec is not None:
             base["upload_codec"] = self.upload_codec
-        parameters = self.global_params
-        if compress and self.download_codec is not None:
-            parameters = Compressed.encode(codec_from_spec(self.download_codec), parameters)
-        return FitIns(parameters, {**base, **config}, tensors)
+        return self._messages(names, FitIns, base, tensors, compress)
+
+    def _messages(self, names, message_type, config, tensors, compress) -> dict[str, Any]:
+        """One message per distinct client layout, in each client's layout, shared by the clients
+        with that layout (a message's bytes are encoded once)."""
+        if self.lora_base:
+            config = {**config, "lora_base": True}
+        codec = codec_from_spec(self.download_codec) if compress and self.download_codec is not None else None
+        by_layout: dict[int, Any] = {}
+        messages = {}
+        for name in names:
+            layout = self.layouts.get(name)
+            key = id(layout)
+            if key not in by_layout:
+                parameters = self.global_params if layout is None else layout.restrict(self.global_params)
+                own_tensors = (
+                    tensors
+                    if layout is None
+                    else {key: layout.restrict(tensor, upload=True) for key, tensor in tensors.items()}
+                )
+                if codec is not None:
+                    parameters = Compressed.encode(codec, parameters)
+                by_layout[key] = message_type(parameters, config, own_tensors)
+            messages[name] = by_layout[key]
+        return messages
 
     def aggregate_parameters(self) -> dict[str, Any]:
         """FedAvg (or the configured strategy) over the clients that trained since the last call."""
@@ -178,8 +256,12 @@ class FedServer:
         if self.lora_pairs:
             if self.lora_aggregation == "svd":
                 self.global_params = svd_refactor(previous, self.global_params, updates, self.lora_pairs)
+            if self.lora_base:
+                self.global_params = fold_products(
+                    previous, self.global_params, updates, self.lora_pairs, self.lora_scalings, self._initial_params
+                )
             summary["lora_aggregation_error"] = lora_aggregation_error(
-                previous, self.global_params, updates, self.lora_pairs
+                previous, self.global_params, updates, self.lora_pairs, self.lora_scalings if self.lora_base else None
             )
         return summary
 
@@ -192,6 +274,11 @@ class FedServer:
         is written merged into a plain transformers model (`merge_lora=True`, loads with
         `from_pretrained`) or as the PEFT adapter folder with the classification head
         (`merge_lora=False`, loads with `PeftModel.from_pretrained` over the base model)."""
+        if self.lora_base and not merge_lora:
+            raise ConfigError(
+                "stack aggregation folds the adapters into the base weights every round, so the model is not "
+                "an adapter over the original base: save it with merge_lora=True"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self._global_model()
@@ -233,7 +320,7 @@ class FedServer:
             self._eval_model = copy.deepcopy(self._model)
             self._eval_model.config.id2label = dict(self.label_map.id2label)
             self._eval_model.config.label2id = dict(self.label_map.label2id)
-        set_federated_vector(self._eval_model, self.global_params)
+        set_federated_vector(self._eval_model, self.global_params, self.lora_base)
         return self._eval_model
 
     # ---- the round loop ----------------------------------------------------------------------
@@ -284,11 +371,11 @@ class FedServer:
     def evaluate_clients(self, clients_per_evaluation: int | None = None) -> dict[str, Any]:
         """The global model on each (sampled) client's own test split: per-client results and their
         distribution (mean, weighted mean, worst, 10th percentile, std) of accuracy and macro-F1."""
-        ins = EvaluateIns(self.global_params, {"round": self.round})
         sampled = self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate")
         names = [client.name for client in sampled if client.has_test_data]
+        messages = self._messages(names, EvaluateIns, {"round": self.round}, {}, compress=False)
         results = []
-        for name, reply in self.transport.evaluate(names, ins, self._deadline()).items():
+        for name, reply in self.transport.evaluate(messages, self._deadline()).items():
             if isinstance(reply, str):
                 logger.warning(
                     "round %d: client %s failed to evaluate: %s", self.round, self.transport.describe(name), reply
@@ -316,15 +403,14 @@ class FedServer:
         set and on the test splits of `clients_per_evaluation` clients (all when None, none when 0)."""
         round_number = self.round + 1
         start = time.perf_counter()
-        bytes_before = (self.transport.bytes.down, self.transport.bytes.up)
-        client_bytes_before = {name: tuple(counts) for name, counts in self.transport.bytes.by_client.items()}
+        bytes_before = self.byte_counts()
 
         # 1-3. train the sampled clients; keep the valid updates
-        ins = self._fit_instructions(round_number, local_epochs, compress=True)
         names = [client.name for client in self.sample_clients(round_number, clients_per_round)]
+        messages = self._fit_messages(names, round_number, local_epochs)
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
-        for name, reply in self.transport.fit(names, ins, self._deadline()).items():
+        for name, reply in self.transport.fit(messages, self._deadline()).items():
             if isinstance(reply, str):
                 self._drop(round_number, name, reply, dropped)
             else:
@@ -350,16 +436,7 @@ class FedServer:
         record["eval_seconds"] = time.perf_counter() - eval_start
 
         # 6. record
-        record["bytes_down"] = self.transport.bytes.down - bytes_before[0]
-        record["bytes_up"] = self.transport.bytes.up - bytes_before[1]
-        record["client_bytes"] = {
-            name: {
-                "down": down - client_bytes_before.get(name, (0, 0))[0],
-                "up": up - client_bytes_before.get(name, (0, 0))[1],
-            }
-            for name, (down, up) in self.transport.bytes.by_client.items()
-            if (down, up) != client_bytes_before.get(name, (0, 0))
-        }
+        record.update(self.bytes_since(bytes_before))
         record["seconds"] = time.perf_counter() - start
         # what the round cost beyond training and evaluation (clients train one after the other in
         # process, side by side in a deployment)
@@ -368,21 +445,48 @@ class FedServer:
         self.history.append(record)
         return record
 
+    def byte_counts(self) -> dict[str, tuple[int, int]]:
+        """Bytes sent so far, (down, up), per client name and in total (key None)."""
+        counts: dict[Any, tuple[int, int]] = {
+            name: (down, up) for name, (down, up) in self.transport.bytes.by_client.items()
+        }
+        counts[None] = (self.transport.bytes.down, self.transport.bytes.up)
+        return counts
+
+    def bytes_since(self, before: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """`bytes_down`, `bytes_up` and `client_bytes` ({name: {down, up}}) sent since `before`
+        (`byte_counts()`), as measured on the serialized messages."""
+        now = self.byte_counts()
+        moved = {
+            name: {"down": down - before.get(name, (0, 0))[0], "up": up - before.get(name, (0, 0))[1]}
+            for name, (down, up) in now.items()
+            if (down, up) != before.get(name, (0, 0))
+        }
+        total = moved.pop(None, {"down": 0, "up": 0})
+        return {"bytes_down": total["down"], "bytes_up": total["up"], "client_bytes": moved}
+
     def _drop(self, round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
         logger.warning("round %d: client %s dropped: %s", round_number, self.transport.describe(name), reason)
         dropped.append({"client": name, "reason": reason})
 
     def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:
-        problem = self._update_problem(result)
+        layout = self.layouts.get(name)
+        problem = self._update_problem(result, self.spec.numel if layout is None else layout.upload.numel)
         if problem:
             self._drop(self.round + 1, name, problem, dropped)
-        else:
-            updates.append(ClientUpdate(result.delta, result.num_examples, result.metrics, result.extras))
+            return
+        delta, extras = result.delta, result.extras
+        if layout is not None:  # into the global layout: the client's factors, then their difference
+            trained = layout.restrict(self.global_params, upload=True) + delta
+            delta = layout.embed(trained, self.global_params) - self.global_params
+            extras = {key: layout.embed(value, torch.zeros_like(self.global_params)) for key, value in extras.items()}
+        updates.append(ClientUpdate(delta, result.num_examples, result.metrics, extras))
 
-    def _update_problem(self, result: FitRes) -> str | None:
+    @staticmethod
+    def _update_problem(result: FitRes, numel: int) -> str | None:
         for name, vector in {"update": result.delta, **result.extras}.items():
-            if vector.dtype != torch.float32 or vector.dim() != 1 or vector.numel() != self.spec.numel:
-                return f"{name} has dtype {vector.dtype} and shape {list(vector.shape)}, expected float32 [{self.spec.numel}]"
+            if vector.dtype != torch.float32 or vector.dim() != 1 or vector.numel() != numel:
+                return f"{name} has dtype {vector.dtype} and shape {list(vector.shape)}, expected float32 [{numel}]"
             if not torch.isfinite(vector.sum()) and not torch.isfinite(vector).all():  # fast path first
                 return f"{name} contains NaN or infinite values"
         if result.num_examples < 1:
@@ -408,20 +512,30 @@ def _name_clients(clients: list[FedClient]) -> None:
         raise ConfigError(f"client names must be unique; {duplicates} appear more than once (pass name=...)")
 
 
-def _check_models(clients: list[FedClient], spec: ParamSpec) -> None:
+def _largest_model(clients: list[FedClient]) -> torch.nn.Module:
+    """The model with the most federated parameters (the highest LoRA rank when ranks differ)."""
+    return max((client.model for client in clients), key=lambda model: federated_spec(model).numel)
+
+
+def _check_same_models(clients: list[FedClient], lora_aggregation: str) -> None:
+    """A `ModelError` naming the first client whose federated parameters differ from the first
+    client's, unless only LoRA ranks differ and the aggregation mode accepts that."""
+    reference = clients[0]
+    spec = federated_spec(reference.model)
     for client in clients[1:]:
-        if client.model is clients[0].model:
+        if client.model is reference.model:
             continue
         difference = spec.first_difference(federated_spec(client.model))
-        if difference and ".lora_" in difference:
+        if difference and ".lora_" in difference and lora_aggregation not in ("stack", "svd"):
             raise ModelError(
-                f"client {client.name}: its LoRA adapter differs from client {clients[0].name}'s: {difference}; "
-                "the LoRA aggregation modes (fedit, ffa, svd) need every client to use the same rank and target modules"
+                f"client {client.name}: its LoRA adapter differs from client {reference.name}'s: {difference}; "
+                f"lora_aggregation {lora_aggregation} needs every client to use the same rank and target modules "
+                "(stack and svd accept different ranks)"
             )
-        if difference:
+        if difference and ".lora_" not in difference:
             raise ModelError(
                 f"client {client.name}: its model's federated parameters differ from client "
-                f"{clients[0].name}'s: {difference}; every client must load the same architecture"
+                f"{reference.name}'s: {difference}; every client must load the same architecture"
             )
 
 

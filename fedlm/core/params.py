@@ -19,6 +19,15 @@ class ParamSpec:
     def numel(self) -> int:
         return sum(math.prod(shape) for shape in self.shapes)
 
+    def locations(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
+        """Each parameter's slice of the flat vector and its shape, by name."""
+        found, position = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            size = math.prod(shape)
+            found[name] = (slice(position, position + size), tuple(shape))
+            position += size
+        return found
+
     def first_difference(self, other: ParamSpec) -> str | None:
         """Describe the first name or shape where `other` differs from this spec, or None if equal."""
         for index, (name, shape) in enumerate(zip(self.names, self.shapes)):

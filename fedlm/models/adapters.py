@@ -101,6 +101,29 @@ def freeze_lora_a(model: torch.nn.Module) -> None:
             param.requires_grad_(False)
 
 
+def lora_scalings(model: torch.nn.Module) -> dict[str, float]:
+    """Each LoRA layer's scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA): the layer adds
+    s B A to its base weight. Keys are the layers' module names, as in `fedlm.core.lora`."""
+    scalings = {}
+    for name, module in model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+            adapter = module.active_adapters[0]
+            scalings[name] = float(scaling[adapter])
+    return scalings
+
+
+def check_foldable(model: torch.nn.Module) -> None:
+    """A `ModelError` unless every LoRA layer's base weight is out x in, so that s B A can be added
+    to it (stack aggregation)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and getattr(module, "fan_in_fan_out", False):
+            raise ModelError(
+                f"LoRA layer {name} stores its weight transposed (fan_in_fan_out, e.g. GPT-2's Conv1D), which "
+                "stack aggregation cannot fold into; target nn.Linear modules or use svd"
+            )
+
+
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model with the adapter folded into the base weights."""
     return copy.deepcopy(model).merge_and_unload()

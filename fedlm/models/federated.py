@@ -1,4 +1,6 @@
-"""The federated parameters of a model (all trainable weights) as one flat float32 vector."""
+"""The federated parameters of a model as one flat float32 vector: all trainable weights, and
+with `lora_base` also the frozen base weights of the LoRA-adapted layers (which FLoRA-style
+stacking updates every round; `fedlm.core.lora.fold_products`)."""
 
 from __future__ import annotations
 
@@ -7,21 +9,29 @@ import torch
 from fedlm.core.params import ParamSpec, flatten, unflatten
 
 
-def federated_spec(model: torch.nn.Module) -> ParamSpec:
-    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+def federated_spec(model: torch.nn.Module, lora_base: bool = False) -> ParamSpec:
+    named = _federated(model, lora_base)
     return ParamSpec(tuple(name for name, _ in named), tuple(tuple(param.shape) for _, param in named))
 
 
-def get_federated_vector(model: torch.nn.Module) -> torch.Tensor:
-    return flatten(_trainable(model))
+def get_federated_vector(model: torch.nn.Module, lora_base: bool = False) -> torch.Tensor:
+    return flatten([param for _, param in _federated(model, lora_base)])
 
 
 @torch.no_grad()
-def set_federated_vector(model: torch.nn.Module, vector: torch.Tensor) -> None:
-    """Copy `vector` into the trainable parameters (the model never aliases `vector`)."""
-    for param, value in zip(_trainable(model), unflatten(vector, federated_spec(model)), strict=True):
+def set_federated_vector(model: torch.nn.Module, vector: torch.Tensor, lora_base: bool = False) -> None:
+    """Copy `vector` into the federated parameters (the model never aliases `vector`)."""
+    named = _federated(model, lora_base)
+    spec = ParamSpec(tuple(name for name, _ in named), tuple(tuple(param.shape) for _, param in named))
+    for (_, param), value in zip(named, unflatten(vector, spec), strict=True):
         param.copy_(value)
 
 
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [param for param in model.parameters() if param.requires_grad]
+def _federated(model: torch.nn.Module, lora_base: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    adapted = {name.split(".lora_A.")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    return [
+        (name, param)
+        for name, param in model.named_parameters()
+        if param.requires_grad
+        or (lora_base and name.endswith(".base_layer.weight") and name[: -len(".base_layer.weight")] in adapted)
+    ]

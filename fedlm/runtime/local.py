@@ -18,6 +18,7 @@ from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data import LabelMap
 from fedlm.data.report import partition_summary
+from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
 from fedlm.runtime.federated_data import prepare_federated_data, resolve_clients_per_round
@@ -35,13 +36,17 @@ def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
     return STRATEGIES[config.kind](**options)
 
 
-def build_model(config: RunConfig, model_name: str, num_labels: int) -> torch.nn.Module:
+def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: int | None = None) -> torch.nn.Module:
     """The run's classifier: pretrained `model_name` with a head seeded from the run seed, and the
-    config's PEFT adapter, if any. Every participant builds the same one."""
+    config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
+    when given). Every participant builds the same one."""
     model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
     if config.peft is None:
         return model
-    model = add_adapter(model, peft_config(config.peft), seed=derive_seed(config.seed, "adapter"))
+    settings = config.peft
+    if lora_rank is not None:
+        settings = settings.model_copy(update={"r": lora_rank})
+    model = add_adapter(model, peft_config(settings), seed=derive_seed(config.seed, "adapter"))
     if isinstance(config.peft, LoraConfig) and config.peft.aggregation == "ffa":
         freeze_lora_a(model)
     return model
@@ -65,14 +70,27 @@ def peft_config(settings: AdapterConfig) -> Any:
     return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens)
 
 
-def configure_aggregation(server: FedServer, config: RunConfig) -> None:
-    """The config's upload and download codecs (as the specs the server sends to clients) and its
-    LoRA aggregation mode."""
+def configure_codecs(server: FedServer, config: RunConfig) -> None:
+    """The config's upload and download codecs, as the specs the server sends to clients."""
     upload, download = config.communication.upload, config.communication.download
     server.upload_codec = None if upload is None else upload.model_dump()
     server.download_codec = None if download is None else download.model_dump(exclude={"error_feedback"})
-    if isinstance(config.peft, LoraConfig):
-        server.lora_aggregation = config.peft.aggregation
+
+
+def lora_aggregation(config: RunConfig) -> str:
+    return config.peft.aggregation if isinstance(config.peft, LoraConfig) else "fedit"
+
+
+def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
+    """Each client's LoRA rank (None: the config's r): `peft.client_ranks` in turn."""
+    ranks = config.peft.client_ranks if isinstance(config.peft, LoraConfig) else None
+    if ranks is None:
+        return [None] * num_clients
+    if len(ranks) > num_clients:
+        raise ConfigError(
+            f"peft.client_ranks lists {len(ranks)} ranks for {num_clients} clients; list at most one per client"
+        )
+    return [ranks[index % len(ranks)] for index in range(num_clients)]
 
 
 def build_simulation(config: RunConfig) -> Federation:
@@ -83,14 +101,21 @@ def build_simulation(config: RunConfig) -> Federation:
     federated = prepare_federated_data(config)
     clients_per_round = resolve_clients_per_round(config, len(federated.clients))
     label_map = LabelMap.from_values(federated.label_values())
-    model = build_model(config, config.model.name, label_map.num_labels)
+    ranks = client_lora_ranks(config, len(federated.clients))
+    models = {rank: build_model(config, config.model.name, label_map.num_labels, rank) for rank in set(ranks)}
     tokenizer = load_tokenizer(config.model.name)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     clients = [
         FedClient(
-            client.train, model, tokenizer, name=client.name, test_dataset=client.test, seed=config.seed, **options
+            client.train,
+            models[rank],
+            tokenizer,
+            name=client.name,
+            test_dataset=client.test,
+            seed=config.seed,
+            **options,
         )
-        for client in federated.clients
+        for client, rank in zip(federated.clients, ranks)
     ]
     server = FedServer(
         clients,
@@ -98,7 +123,8 @@ def build_simulation(config: RunConfig) -> Federation:
         seed=config.seed,
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
+        lora_aggregation=lora_aggregation(config),
     )
-    configure_aggregation(server, config)
+    configure_codecs(server, config)
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

@@ -33,7 +33,7 @@ def run_federation(
     """Run the configured rounds, checkpointing after round 0 and every `checkpoint_every` rounds.
 
     Writes config.yaml, the partition report, metrics.jsonl (round 0 = before training),
-    checkpoint/ and model/ into the output folder. With `resume`, continues from the folder's
+    checkpoint/, model/ and summary.json (`run_summary`) into the output folder. With `resume`, continues from the folder's
     checkpoint (an error if there is none, it is corrupt, or the config differs). Returns the
     records of rounds 1 and up.
     """
@@ -61,9 +61,9 @@ def run_federation(
                 on_round_end(record)
 
         if not records:
-            record_round(
-                {"round": 0, **server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)}
-            )
+            before = server.byte_counts()
+            metrics = server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)
+            record_round({"round": 0, **metrics, **server.bytes_since(before)})
         if settings.rounds > server.round:
             server.fit(
                 rounds=settings.rounds - server.round,
@@ -74,7 +74,28 @@ def run_federation(
                 on_round_end=record_round,
             )
     server.save(output / "model")
+    (output / "summary.json").write_text(json.dumps(run_summary(records), indent=2))
     return [record for record in records if record["round"] > 0]
+
+
+def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run in numbers: rounds, the last round's metrics, and the bytes sent down and up in
+    total and per client, summed over all records (round 0's evaluation included)."""
+    clients: dict[str, dict[str, int]] = {}
+    for record in records:
+        for name, moved in record.get("client_bytes", {}).items():
+            total = clients.setdefault(name, {"down": 0, "up": 0})
+            total["down"] += moved["down"]
+            total["up"] += moved["up"]
+    last = records[-1] if records else {}
+    final = {key: value for key, value in last.items() if key.startswith(("val_", "client_accuracy", "client_macro"))}
+    return {
+        "rounds": last.get("round", 0),
+        "final": final,
+        "bytes_down": sum(record.get("bytes_down", 0) for record in records),
+        "bytes_up": sum(record.get("bytes_up", 0) for record in records),
+        "clients": dict(sorted(clients.items())),
+    }
 
 
 def megabytes(count: int) -> str:

@@ -122,6 +122,27 @@ def test_deployment_matches_simulation_bit_for_bit(deployment, write_config, cli
         assert ours["client_test"] == theirs["client_test"]
 
 
+def test_stack_with_a_lower_rank_node_matches_simulation_bit_for_bit(deployment, write_config, client_files, tmp_path):
+    # alpha trains a rank-2 adapter (its node config says so; the simulation gives client 0 rank 2),
+    # the others rank 4; stack sends each node the folded base weights and an adapter of its rank
+    config = write_config(
+        peft={"method": "lora", "r": 4, "client_ranks": [2, 4, 4], "aggregation": "stack"},
+        training={"learning_rate": 1e-2},
+    )
+    deployment.start_node("alpha", {"dataset": str(client_files["alpha"]), "lora-rank": 2})
+    start_nodes(deployment, {name: client_files[name] for name in ("beta", "gamma")})
+    result = deployment.run(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert deployed[1]["lora_aggregation_error"]["overall"] < 1e-4  # exact
+    sent = deployed[1]["client_bytes"]
+    assert sent["alpha"]["down"] < sent["beta"]["down"] == sent["gamma"]["down"]  # a smaller adapter
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    assert [r.get("train_loss") for r in deployed] == [r.get("train_loss") for r in read_metrics(simulated)]
+
+
 def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
     deployment, write_config, client_files, tmp_path
 ):

@@ -9,7 +9,8 @@ import torch
 from conftest import make_records
 from fedlm import FedClient, FedServer
 from fedlm.config import parse_config
-from fedlm.errors import ModelError
+from fedlm.core.strategies import Scaffold
+from fedlm.errors import ConfigError, ModelError
 from fedlm.runtime import build_simulation, run_federation
 
 
@@ -120,11 +121,118 @@ def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(config_data_factory
         load_adapter(other_base, tmp_path)
 
 
-def test_clients_with_different_lora_ranks_are_a_clear_error(load_tiny):
-    clients = [
-        FedClient(make_records(8, seed=0), load_tiny(3), name="r4", peft=lora_config(target_modules=["query"])),
-        FedClient(make_records(8, seed=1), load_tiny(3), name="r8",
-                  peft=peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=["query"])),
+def ranked_clients(load_tiny, ranks, **options) -> list[FedClient]:
+    """One client per rank, each with its own model (PEFT injects adapters in place)."""
+    return [
+        FedClient(make_records(24 + 8 * index, seed=index), load_tiny(3), name=f"r{rank}", learning_rate=1e-2,
+                  max_length=32, peft=peft.LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules=["query", "value"]), **options)
+        for index, rank in enumerate(ranks)
     ]  # fmt: skip
-    with pytest.raises(ModelError, match=r"client r8: its LoRA adapter differs from client r4's: .*same rank"):
-        FedServer(clients)
+
+
+def lora_products(model) -> dict[str, torch.Tensor]:
+    """s B A of every LoRA layer, by layer name, in float64."""
+    return {
+        name: module.scaling["default"]
+        * (module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double())
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})
+    }
+
+
+def effective_weights(model) -> dict[str, torch.Tensor]:
+    """W + s B A of every LoRA layer: what the layer computes with."""
+    products = lora_products(model)
+    modules = dict(model.named_modules())
+    return {name: modules[name].base_layer.weight.double() + product for name, product in products.items()}
+
+
+@pytest.mark.parametrize("mode", ["stack", "svd"])
+def test_clients_of_ranks_4_8_16_aggregate_as_the_dense_reference_says(load_tiny, mode):
+    """After one round, each adapted layer of the global model computes with W + the exact
+    example-weighted average of the clients' s_k B_k A_k (stack), or W + its best rank-16
+    approximation (svd, Eckart-Young: the truncated SVD of the dense average); the reported
+    aggregation error is that truncation's relative error."""
+    clients = ranked_clients(load_tiny, (4, 8, 16))
+    server = FedServer(clients, lora_aggregation=mode)
+    before = effective_weights(server.get_model())
+    record = server.fit(rounds=1)[0]
+    total = sum(len(client.data) for client in clients)
+    client_products = [lora_products(client.model) for client in clients]  # their trained factors
+    after = effective_weights(server.get_model())
+    layers = sorted(before)
+    assert len(layers) == 4 and set(record["lora_aggregation_error"]) == {*layers, "overall"}
+    for layer in layers:
+        exact = sum(len(c.data) / total * products[layer] for c, products in zip(clients, client_products))
+        if mode == "stack":
+            assert torch.allclose(after[layer] - before[layer], exact, atol=1e-6)
+            assert record["lora_aggregation_error"][layer] < 1e-4
+        else:
+            left, values, right = torch.linalg.svd(exact)
+            truncated = left[:, :16] @ torch.diag(values[:16]) @ right[:16]
+            assert torch.allclose(after[layer] - before[layer], truncated, atol=1e-6)
+            truncation_error = float((exact - truncated).norm() / exact.norm())
+            assert 0 < truncation_error == pytest.approx(record["lora_aggregation_error"][layer], rel=1e-4)
+    head = sum(
+        len(c.data)
+        / total
+        * dict(c.model.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+        for c in clients
+    )
+    assert torch.allclose(
+        dict(server.get_model().named_parameters())["base_model.model.classifier.modules_to_save.default.weight"],
+        head,
+        atol=1e-6,
+    )
+
+
+def test_a_lower_rank_client_receives_the_best_approximation_of_its_rank(load_tiny):
+    clients = ranked_clients(load_tiny, (4, 16))
+    server = FedServer(clients, lora_aggregation="svd")
+    server.fit(rounds=1)
+    server.broadcast_model()
+    global_products = lora_products(server.get_model())
+    for layer, product in lora_products(clients[0].model).items():  # rank 4, scaling 16/4
+        left, values, right = torch.linalg.svd(global_products[layer])
+        assert torch.allclose(product, left[:, :4] @ torch.diag(values[:4]) @ right[:4], atol=1e-6)
+
+
+def test_stack_clients_receive_the_folded_base_and_a_fresh_adapter(load_tiny, tmp_path):
+    clients = ranked_clients(load_tiny, (4, 8))
+    server = FedServer(clients, lora_aggregation="stack")
+    server.fit(rounds=1)
+    server.broadcast_model()
+    global_weights = effective_weights(server.get_model())
+    for client in clients:
+        assert all(float(product.abs().max()) == 0 for product in lora_products(client.model).values())  # B = 0
+        for layer, weight in effective_weights(client.model).items():
+            assert torch.allclose(weight, global_weights[layer], atol=1e-6)
+    with pytest.raises(ConfigError, match="merge_lora=True"):
+        server.save(tmp_path / "adapter", merge_lora=False)
+
+
+def test_clients_with_different_lora_ranks_are_a_clear_error_where_the_mode_needs_equal_ranks(load_tiny):
+    for mode in ("fedit", "ffa"):
+        with pytest.raises(
+            ModelError,
+            match=rf"client r8: its LoRA adapter differs from client r4's: .*{mode} needs every client to use the same rank",
+        ):
+            FedServer(ranked_clients(load_tiny, (4, 8)), lora_aggregation=mode)
+    with pytest.raises(ConfigError, match="Scaffold sends per-parameter state"):
+        FedServer(
+            ranked_clients(load_tiny, (4, 8), optimizer="sgd"), Scaffold(num_clients=2), lora_aggregation="svd"
+        ).fit(rounds=1)
+
+
+def test_client_ranks_from_config_run_and_are_checked(config_data_factory):
+    lora = {"method": "lora", "r": 8, "client_ranks": [4, 8], "aggregation": "svd"}
+    simulation = build_simulation(parse_config(config_data_factory(num_clients=3, rounds=1, peft=lora)))
+    server = simulation.server
+    assert sorted(server.layouts) == ["client-0", "client-2"]  # ranks 4, 8, 4; the global rank is 8
+    record = server.fit(rounds=1)[0]
+    assert record["clients"] == 3 and 0 < record["lora_aggregation_error"]["overall"] < 1
+    with pytest.raises(ConfigError, match="client_ranks needs aggregation stack or svd"):
+        parse_config(config_data_factory(peft={**lora, "aggregation": "fedit"}))
+    with pytest.raises(ConfigError, match=r"r \(the global rank, 16\) must be the largest of client_ranks"):
+        parse_config(config_data_factory(peft={**lora, "r": 16}))

@@ -47,6 +47,13 @@ def test_run_writes_metrics_config_and_a_reloadable_model(config_data, tmp_path)
     assert lines[1:] == json.loads(json.dumps(history))
     assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"] + 0.3
     assert all(line["clients"] == 3 and line["bytes_up"] > 0 and line["bytes_down"] > 0 for line in lines[1:])
+    summary = json.loads((output / "summary.json").read_text())  # cumulative bytes per client
+    assert summary["rounds"] == 3 and summary["final"]["val_accuracy"] == lines[-1]["val_accuracy"]
+    assert lines[0]["bytes_down"] > 0  # round 0 evaluates on the clients' test splits
+    for name, moved in summary["clients"].items():
+        assert moved["up"] == sum(line["client_bytes"].get(name, {}).get("up", 0) for line in lines) > 0
+        assert moved["down"] == sum(line["client_bytes"].get(name, {}).get("down", 0) for line in lines)
+    assert summary["bytes_up"] == sum(moved["up"] for moved in summary["clients"].values())
     assert parse_config(__import__("yaml").safe_load((output / "config.yaml").read_text())) == config
     model = AutoModelForSequenceClassification.from_pretrained(output / "model")
     assert model.config.id2label == {0: "business", 1: "sport", 2: "tech"}

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fedlm.core.lora import lora_aggregation_error, lora_pairs, svd_refactor
+from fedlm.core.lora import fold_products, lora_aggregation_error, lora_pairs, svd_refactor
 from fedlm.core.params import ParamSpec
 from fedlm.core.strategies import FedAvg
 from fedlm.core.update import ClientUpdate
@@ -97,3 +97,34 @@ def test_svd_refactor_of_one_client_is_exact():
     single = [ClientUpdate(torch.randn(SPEC.numel, generator=generator), 5)]
     refactored = svd_refactor(global_params, FedAvg().aggregate(global_params, single), single, lora_pairs(SPEC))
     assert lora_aggregation_error(global_params, refactored, single, lora_pairs(SPEC))["overall"] < 1e-6
+
+
+def test_stack_folds_the_exact_weighted_product_into_the_base_and_restarts_the_adapter():
+    """FLoRA: W + s sum_k w_k B_k A_k, computed densely from each client's factors, for clients
+    of ranks 2 and 4 embedded in the rank-4 global layout (zero-padded)."""
+    layer = "m.q"
+    spec = ParamSpec(
+        (f"{layer}.base_layer.weight", f"{layer}.lora_A.default.weight", f"{layer}.lora_B.default.weight"),
+        ((5, 6), (4, 6), (5, 4)),
+    )
+    pairs = lora_pairs(spec)
+    assert pairs[0].base == slice(0, 30) and pairs[0].base_shape == (5, 6)
+    generator = torch.Generator().manual_seed(1)
+    initial = torch.randn(spec.numel, generator=generator)
+    initial[54:] = 0  # B starts at zero
+    factors = []  # (A, B, examples), rank 2 then rank 4
+    for rank, examples in ((2, 10), (4, 30)):
+        a, b = torch.randn(rank, 6, generator=generator), torch.randn(5, rank, generator=generator)
+        factors.append(
+            (torch.cat([a, torch.zeros(4 - rank, 6)]), torch.cat([b, torch.zeros(5, 4 - rank)], 1), examples)
+        )
+    updates = [
+        ClientUpdate(torch.cat([initial[:30], a.reshape(-1), b.reshape(-1)]) - initial, examples)
+        for a, b, examples in factors
+    ]
+    folded = fold_products(initial, FedAvg().aggregate(initial, updates), updates, pairs, {layer: 0.5}, initial)
+    expected = initial[:30].view(5, 6).double() + 0.5 * sum(n / 40 * (b.double() @ a.double()) for a, b, n in factors)
+    assert torch.allclose(folded[:30].view(5, 6).double(), expected, atol=1e-6)
+    assert torch.equal(folded[30:], initial[30:])  # A back at its init, B back at zero
+    error = lora_aggregation_error(initial, folded, updates, pairs, scalings={layer: 0.5})
+    assert error["overall"] < 1e-6  # exact, up to float32 rounding of the base

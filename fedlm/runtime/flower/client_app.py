@@ -10,6 +10,7 @@ Each SuperNode is one client. What it holds comes from its node config
     model          a bundled model name or local model folder (default: the run config's `model.name`)
     device         torch device for training and evaluation (default: the run config's `training.device`)
     text-column, label-column   (default: the run config's `data.text_column` / `data.label_column`)
+    lora-rank      this client's LoRA rank, at most `peft.r` (stack and svd aggregation; default: `peft.r`)
 
 Everything else (training options, seed) comes from the run config the server was started with.
 Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
@@ -30,7 +31,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlm.client import FedClient, TrainingOptions
-from fedlm.config import RunConfig
+from fedlm.config import LoraConfig, RunConfig
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.federated import ClientData
 from fedlm.data.labels import LabelMap, label_key
@@ -42,7 +43,7 @@ from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
 from fedlm.runtime.local import build_model
 
-NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column")
+NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank")
 STATE = "fedlm.client_state"
 
 app = ClientApp()
@@ -102,6 +103,13 @@ class Node:
             raise ConfigError("node config has no 'dataset': start the SuperNode with --node-config \"dataset='PATH'\"")
         self.config = config
         self.node_config = node_config
+        self.lora_rank = None if "lora-rank" not in node_config else int(node_config["lora-rank"])
+        if self.lora_rank is not None and not (
+            isinstance(config.peft, LoraConfig) and 1 <= self.lora_rank <= config.peft.r
+        ):
+            raise ConfigError(
+                f"node config lora-rank {self.lora_rank}: needs a LoRA run (peft.method lora) and 1 <= rank <= peft.r"
+            )
         path = str(node_config["dataset"])
         name = str(node_config.get("name") or Path(path).stem)
         text_column = node_config.get("text-column", config.data.text_column)
@@ -116,14 +124,14 @@ class Node:
 
     def info(self) -> ClientInfo:
         labels = sorted({label_key(label) for label in self.data.train.labels})
-        return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels)
+        return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels, self.lora_rank)
 
     def client(self, label2id: dict[str, int]) -> FedClient:
         """A FedClient over this node's data for the federation's label map."""
         label_map = LabelMap({str(key): int(value) for key, value in label2id.items()})
         config = self.config
         model_name = str(self.node_config.get("model", config.model.name))
-        model = build_model(config, model_name, label_map.num_labels)
+        model = build_model(config, model_name, label_map.num_labels, self.lora_rank)
         options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
         options["device"] = str(self.node_config.get("device", options["device"]))
         client = FedClient(

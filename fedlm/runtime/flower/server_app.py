@@ -11,9 +11,11 @@ whose nodes hold the files of a simulation's predefined partition produces the s
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import Context
@@ -28,8 +30,8 @@ from fedlm.models.federated import federated_spec
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import build_model, build_strategy, configure_aggregation
-from fedlm.runtime.rounds import Federation, round_line, run_federation
+from fedlm.runtime.local import build_model, build_strategy, configure_codecs, lora_aggregation
+from fedlm.runtime.rounds import Federation, megabytes, round_line, run_federation
 from fedlm.server import FedServer
 
 logger = logging.getLogger("fedlm")
@@ -52,7 +54,19 @@ def main(grid: Grid, context: Context) -> None:
             on_round_end=lambda record: logger.info(round_line(record, rounds)),
             resume=bool(context.run_config.get(RESUME_KEY, False)),
         )
-        logger.info("finished %d rounds; model saved to %s", len(history), config.output_dir / "model")
+        summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+        per_client = ", ".join(
+            f"{name} {megabytes(moved['down'])} down / {megabytes(moved['up'])} up"
+            for name, moved in summary["clients"].items()
+        )
+        logger.info(
+            "finished %d rounds; sent down %s, up %s (%s); model saved to %s",
+            len(history),
+            megabytes(summary["bytes_down"]),
+            megabytes(summary["bytes_up"]),
+            per_client,
+            config.output_dir / "model",
+        )
     except FedlmError as error:
         logger.error("%s", error)
         raise
@@ -142,8 +156,9 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         seed=config.seed,
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
+        lora_aggregation=lora_aggregation(config),
     )
-    configure_aggregation(server, config)
+    configure_codecs(server, config)
     validation = None
     if config.data.validation_file is not None:
         validation = server.encode_dataset(

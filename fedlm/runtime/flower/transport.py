@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -42,31 +42,32 @@ class FlowerTransport:
     def describe(self, name: str) -> str:
         return f"{name} (node {self.node_ids[name]})"
 
-    def fit(self, names: Sequence[str], ins: FitIns, deadline: float | None) -> dict[str, FitRes | str]:
-        return self._exchange("train", names, ins, FitRes, deadline)
+    def fit(self, messages: Mapping[str, FitIns], deadline: float | None) -> dict[str, FitRes | str]:
+        return self._exchange("train", messages, FitRes, deadline)
 
-    def evaluate(self, names: Sequence[str], ins: EvaluateIns, deadline: float | None) -> dict[str, EvaluateRes | str]:
-        return self._exchange("evaluate", names, ins, EvaluateRes, deadline)
+    def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]:
+        return self._exchange("evaluate", messages, EvaluateRes, deadline)
 
     def _exchange(
         self,
         message_type: str,
-        names: Sequence[str],
-        ins: FitIns | EvaluateIns,
+        messages: Mapping[str, FitIns | EvaluateIns],
         reply_type: type[FitRes] | type[EvaluateRes],
         deadline: float | None,
     ) -> dict[str, Any]:
-        labelled = type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
-        record = to_record(labelled)
-        size = record_size(record)
-        group = str(ins.config.get("round", ""))
-        replies, pending = exchange(
-            self.grid, message_type, record, {n: self.node_ids[n] for n in names}, deadline, group
-        )
-        for name in names:
-            self.bytes.add(name, down=size)
+        records: dict[int, RecordDict] = {}  # one record per distinct message
+        for ins in messages.values():
+            if id(ins) not in records:
+                records[id(ins)] = to_record(
+                    type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
+                )
+        by_name = {name: records[id(ins)] for name, ins in messages.items()}
+        group = str(next(iter(messages.values())).config.get("round", "")) if messages else ""
+        replies, pending = exchange(self.grid, message_type, by_name, self.node_ids, deadline, group)
+        for name, record in by_name.items():
+            self.bytes.add(name, down=record_size(record))
         answers: dict[str, Any] = {}
-        for name in names:
+        for name in messages:
             reply = replies.get(name)
             if reply is None:
                 answers[name] = pending[name]
@@ -89,14 +90,14 @@ class FlowerTransport:
 def exchange(
     grid: Grid,
     message_type: str,
-    record: RecordDict,
+    records: dict[str, RecordDict],
     node_ids: dict[str, int],
     deadline: float | None,
     group: str = "",
 ) -> tuple[dict[str, Message], dict[str, str]]:
-    """Send `record` to every node, wait for replies until `deadline` (None: until all are in).
-    Returns the replies by name and, for names without one, why."""
-    messages = {name: Message(record, node_id, message_type, group_id=group) for name, node_id in node_ids.items()}
+    """Send each named node its record, wait for replies until `deadline` (None: until all are
+    in). Returns the replies by name and, for names without one, why."""
+    messages = {name: Message(record, node_ids[name], message_type, group_id=group) for name, record in records.items()}
     sent = dict(zip(grid.push_messages(messages.values()), messages))
     replies: dict[str, Message] = {}
     while len(replies) < len(sent):
@@ -108,7 +109,7 @@ def exchange(
         time.sleep(POLL_SECONDS)
     missing = {name: "timed out: no reply before the round deadline" for name in sent.values() if name not in replies}
     unsent = {
-        name: "not sent: the SuperLink did not accept the message" for name in node_ids if name not in sent.values()
+        name: "not sent: the SuperLink did not accept the message" for name in records if name not in sent.values()
     }
     return replies, {**missing, **unsent}
 
@@ -119,7 +120,7 @@ def query_clients(
     """Ask every node who it is (its client's name, example counts and labels). Returns the
     answers and, for nodes that failed (e.g. a missing dataset), a line naming the node and why."""
     named = {str(node_id): node_id for node_id in node_ids}
-    replies, missing = exchange(grid, "query", RecordDict(), named, deadline)
+    replies, missing = exchange(grid, "query", {key: RecordDict() for key in named}, named, deadline)
     infos, failures = [], [f"node {key}: {reason}" for key, reason in missing.items()]
     for key, reply in replies.items():
         if reply.has_error():
