@@ -1,7 +1,8 @@
 """Checkpoints: everything a run needs to continue bit for bit, written atomically.
 
-A checkpoint folder holds the global parameters, the strategy state and the clients' own state
-(SCAFFOLD variates and error-feedback residuals, which live on the server in a simulation) as safetensors, and the round,
+A checkpoint folder holds the global parameters (and distillation's last soft labels), the
+strategy state and the clients' own state (SCAFFOLD variates, error-feedback residuals and
+distillation clients' models, which live on the server in a simulation) as safetensors, and the round,
 the metric records and the config as JSON. It is written to a temporary folder that is then
 renamed over the previous checkpoint, so a crash leaves the previous one intact.
 """
@@ -32,7 +33,10 @@ def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any
     previous = folder.with_name(folder.name + ".old")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    save_file({"parameters": server.global_params.contiguous()}, temporary / "global.safetensors")
+    global_state = {"parameters": server.global_params.contiguous()}
+    if server.distillation is not None and server.distillation.soft_labels is not None:
+        global_state["soft_labels"] = server.distillation.soft_labels.contiguous()  # for the clients' digest step
+    save_file(global_state, temporary / "global.safetensors")
     save_file({k: v.contiguous() for k, v in server.strategy.state_dict().items()}, temporary / "strategy.safetensors")
     client_state = {
         f"{client.name}/{key}": getattr(client, key).contiguous()
@@ -69,7 +73,8 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
         raise ConfigError(f"cannot resume: no checkpoint in {folder} (run without --resume to start afresh)")
     try:
         state = json.loads((folder / "state.json").read_text())
-        global_params = load_file(folder / "global.safetensors")["parameters"]
+        global_state = load_file(folder / "global.safetensors")
+        global_params = global_state["parameters"]
         strategy_state = load_file(folder / "strategy.safetensors")
         client_state = load_file(folder / "clients.safetensors")
     except (OSError, ValueError, KeyError, SafetensorError) as error:
@@ -91,6 +96,8 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
     if state["clients"] != [client.name for client in server.clients]:
         raise ConfigError(f"cannot resume: checkpoint {folder} was made for other clients")
     server.global_params = global_params
+    if server.distillation is not None:
+        server.distillation.soft_labels = global_state.get("soft_labels")
     try:
         server.strategy.load_state_dict(strategy_state)
     except ValueError as error:

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 
 from fedlm.core.compression import ErrorFeedback, codec_from_spec, codec_spec
+from fedlm.core.distillation import fingerprint, soften
 from fedlm.core.params import unflatten
 from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
@@ -21,6 +22,7 @@ from fedlm.models.federated import federated_spec, get_federated_vector, set_fed
 from fedlm.models.loading import load_tokenizer
 from fedlm.protocol import Compressed, EvaluateIns, EvaluateRes, FitIns, FitRes
 from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
+from fedlm.tasks.distillation import distil, predict_logits
 
 
 @dataclass
@@ -64,7 +66,9 @@ class FedClient:
     adapter and the classification head train and travel.
     """
 
-    STATE = ("control_variate", "residual")  # what a client keeps between rounds (and checkpoints)
+    # what a client keeps between rounds (and checkpoints): SCAFFOLD's c_i, error feedback's
+    # residual, and in federated distillation its own model's parameters
+    STATE = ("control_variate", "residual", "local_parameters")
 
     def __init__(
         self,
@@ -102,6 +106,8 @@ class FedClient:
         self.step_callback: Callable[[int, int], None] | None = None
         self.control_variate: torch.Tensor | None = None  # SCAFFOLD's c_i, kept between rounds
         self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
+        self.local_parameters: torch.Tensor | None = None  # its own model, in federated distillation
+        self.public_texts: list[str] | None = None  # the public set it predicts on, in distillation
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
@@ -150,9 +156,19 @@ class FedClient:
         self._instructions = ins
 
     def _load(self, ins: FitIns | EvaluateIns) -> torch.Tensor:
-        """Load the message's parameters into the model; returns the trainable ones."""
-        set_federated_vector(self.model, ins.parameters, lora_base=bool(ins.config.get("lora_base")))
+        """Load the message's parameters into the model (in distillation: this client's own
+        parameters, kept between rounds); returns the trainable ones."""
+        if "distillation" not in ins.config:
+            set_federated_vector(self.model, ins.parameters, lora_base=bool(ins.config.get("lora_base")))
+        elif self.local_parameters is not None:
+            set_federated_vector(self.model, self.local_parameters)
         return self.get_parameters()
+
+    def join_distillation(self, public_texts: list[str]) -> None:
+        """Take part in federated distillation: predict on `public_texts`, and keep this client's
+        own model from its current parameters on."""
+        self.public_texts = list(public_texts)
+        self.local_parameters = self.get_parameters()
 
     # ---- the seed API ------------------------------------------------------------------------
 
@@ -174,13 +190,48 @@ class FedClient:
     # ---- the protocol ------------------------------------------------------------------------
 
     def fit(self, ins: FitIns) -> FitRes:
-        """Load the global parameters, train for `ins.config['epochs']`, return the delta."""
+        """Load the global parameters, train for `ins.config['epochs']`, return the delta (in
+        federated distillation: train its own model, return its outputs on the public set)."""
         received = self._load(ins)
         seed = derive_seed(ins.config.get("seed", self.options.seed), ins.config.get("round", 0), self.name)
-        result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
+        if "distillation" in ins.config:
+            result = self._distillation_round(ins, received, seed)
+        else:
+            result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
         if "upload_codec" in ins.config:
             result.delta = self._compress(result.delta, ins.config["upload_codec"])
         return result
+
+    def _distillation_round(self, ins: FitIns, received: torch.Tensor, seed: int) -> FitRes:
+        """Digest the consensus (when sent), train on the private data, and return the outputs
+        on the public set (logits, or probabilities at the temperature), flattened."""
+        settings = ins.config["distillation"]
+        public = self._public_set(settings)
+        if "soft_labels" in ins.tensors and settings["digest_epochs"] > 0:
+            distil(self.model, public, ins.tensors["soft_labels"], settings["temperature"], settings["digest_epochs"],
+                   self.options.learning_rate, self.options.batch_size, self._pad_id(), derive_seed(seed, "digest"),
+                   self.options.device, max_grad_norm=self.options.max_grad_norm)  # fmt: skip
+            received = self.get_parameters()
+        result = self._train(FitIns(received, {}), received, int(ins.config.get("epochs", 1)), seed)
+        self.local_parameters = self.get_parameters()
+        outputs = predict_logits(self.model, public, self.options.batch_size, self._pad_id(), self.options.device)
+        if settings["output"] == "probabilities":
+            outputs = soften(outputs, settings["temperature"]).float()
+        return FitRes(outputs.reshape(-1), result.num_examples, result.metrics)
+
+    def _public_set(self, settings: dict[str, Any]) -> EncodedDataset:
+        """The public set, tokenized by this client's tokenizer, after checking that it is the
+        server's (same count and fingerprint)."""
+        if self.public_texts is None:
+            raise ConfigError(f"client {self.name}: no public set to predict on (join_distillation was not called)")
+        found = fingerprint(self.public_texts)
+        if len(self.public_texts) != settings["public_examples"] or found != settings["public_fingerprint"]:
+            raise ConfigError(
+                f"client {self.name}: its public set ({len(self.public_texts)} texts, fingerprint {found}) is not the "
+                f"server's ({settings['public_examples']} texts, fingerprint {settings['public_fingerprint']}); every "
+                "participant must load the same public_data"
+            )
+        return encode(self.tokenizer, self.public_texts, [-1] * len(self.public_texts), self.options.max_length)
 
     def _compress(self, delta: torch.Tensor, spec: dict[str, Any]) -> Compressed:
         """The delta through the server's upload codec; with error feedback, what the codec drops
@@ -197,7 +248,7 @@ class FedClient:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""
         if not self.has_test_data:
             return EvaluateRes(0, {})
-        self._load(ins)
+        self._load(ins)  # in distillation: its own model
         test = self.encoded("test")
         metrics = evaluate_model(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
         return EvaluateRes(len(test), metrics)

@@ -292,6 +292,63 @@ class DeploymentConfig(Section):
     )
 
 
+class PublicDataConfig(Section):
+    """The public (proxy) set that distillation predicts on: a dataset of its own, or a slice of
+    the run's dataset held back from partitioning (its labels are not used)."""
+
+    dataset: str | None = Field(None, description="a bundled dataset name or a data file every participant can read")
+    held_out: float | None = Field(
+        None, gt=0, lt=1, description="fraction of data.dataset held back from the clients (simulation only)"
+    )
+    max_examples: int | None = Field(None, ge=1, description="a seeded subset of this many examples")
+    text_column: str | None = None
+    label_column: str | None = Field(None, description="labels are optional; used only with hard_label_weight")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PublicDataConfig:
+        if (self.dataset is None) == (self.held_out is None):
+            raise ValueError("give exactly one of 'dataset' (a bundled name or file) or 'held_out' (a fraction)")
+        return self
+
+
+class DistillationTraining(Section):
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft labels and the KD loss")
+    weighting: Literal["examples", "confidence", "entropy"] = Field(
+        "examples", description="soft labels: clients weighted by examples, or per example by confidence / certainty"
+    )
+    epochs: int = Field(1, ge=1, description="distillation epochs over the public set per round")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    hard_label_weight: float = Field(
+        0.0, ge=0, le=1, description="mix of cross-entropy on the public set's labels into the KD loss"
+    )
+    public_data: PublicDataConfig
+
+
+class DistillationConfig(DistillationTraining):
+    """Federated distillation (FedMD / FedKD-style): clients send predictions on the public set,
+    the server trains a student on their soft labels. Clients may run different models."""
+
+    kind: Literal["distillation"]
+    student: str | None = Field(None, description="the student's model (bundled name or folder); default model.name")
+    client_models: list[str] | None = Field(
+        None, description="models given to the clients in turn (default: model.name); on Flower, --node-config model"
+    )
+    client_output: Literal["logits", "probabilities"] = Field(
+        "logits", description="what clients send: logits, or probabilities at the temperature"
+    )
+    digest_epochs: int = Field(0, ge=0, description="FedMD's digest: epochs clients distil from the last consensus")
+
+
+class EnsembleDistillationConfig(DistillationTraining):
+    """FedDF (Lin et al. 2020): weight averaging, then the average distils from the clients' ensemble."""
+
+    kind: Literal["ensemble_distillation"]
+
+
+AlgorithmConfig = Annotated[DistillationConfig | EnsembleDistillationConfig, Field(discriminator="kind")]
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
     seed: int = Field(
@@ -306,11 +363,25 @@ class RunConfig(Section):
     peft: AdapterConfig | None = Field(None, description="train and federate a PEFT adapter instead of all weights")
     communication: CommunicationConfig = CommunicationConfig()
     deployment: DeploymentConfig = DeploymentConfig()
+    algorithm: AlgorithmConfig | None = Field(
+        None, description="distillation or ensemble_distillation; omitted: weight averaging with the strategy"
+    )
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this fedlm understands ({CONFIG_VERSION})")
+        return self
+
+    @model_validator(mode="after")
+    def _distillation_fits(self) -> RunConfig:
+        if isinstance(self.algorithm, DistillationConfig) and self.peft is not None:
+            raise ValueError("algorithm distillation trains whole client models; remove peft (adapters are averaged)")
+        held_out = self.algorithm is not None and self.algorithm.public_data.held_out is not None
+        if held_out and isinstance(self.data.partition, PredefinedPartitionConfig):
+            raise ValueError(
+                "public_data.held_out slices data.dataset; with predefined clients give public_data.dataset"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -32,10 +32,11 @@ from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap
+from fedlm.distillation import EnsembleDistillation, FederatedDistillation
 from fedlm.errors import ConfigError, FedlmError, ModelError
 from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
-from fedlm.models.loading import quiet_transformers
+from fedlm.models.loading import load_tokenizer, quiet_transformers
 from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
@@ -69,19 +70,31 @@ class FedServer:
         min_clients: int = 1,
         round_timeout: float | None = None,
         lora_aggregation: str = "fedit",
+        algorithm: FederatedDistillation | EnsembleDistillation | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
         clients = list(clients)
         _name_clients(clients)
-        model = _largest_model(clients)
-        _check_same_models(clients, lora_aggregation)
+        if isinstance(algorithm, FederatedDistillation):  # clients may differ; the student is the global model
+            model = algorithm.student
+            tokenizer = algorithm.tokenizer or load_tokenizer(getattr(model, "name_or_path", ""), "the student")
+        else:
+            model, tokenizer = _largest_model(clients), clients[0].tokenizer
+            _check_same_models(clients, lora_aggregation)
         label_map = _build_label_map(model, clients)
-        # an update and at most two strategy vectors of the same size, plus headers
-        transport = LoopbackTransport(clients, max_reply_bytes=3 * 4 * federated_spec(model).numel + (1 << 20))
-        self._setup(clients, transport, model, clients[0].tokenizer, label_map, clients[0].options, lora_aggregation)
+        if isinstance(algorithm, FederatedDistillation):
+            label_map.check_fits(model.config.num_labels, owner="the student")
+        transport = LoopbackTransport(clients)
+        self._setup(clients, transport, model, tokenizer, label_map, clients[0].options, lora_aggregation, algorithm)
+        # an update (or a client's outputs) and at most two strategy vectors of the same size, plus headers
+        transport.max_reply_bytes = 3 * 4 * self.upload_numel() + (1 << 20)
         self._configure_rounds(strategy, seed, min_clients, round_timeout)
-        self.broadcast_model()
+        if isinstance(algorithm, FederatedDistillation):
+            for client in clients:
+                client.join_distillation(algorithm.public.texts)
+        else:
+            self.broadcast_model()
 
     @classmethod
     def over_transport(
@@ -98,18 +111,19 @@ class FedServer:
         min_clients: int = 1,
         round_timeout: float | None = None,
         lora_aggregation: str = "fedit",
+        algorithm: FederatedDistillation | EnsembleDistillation | None = None,
     ) -> FedServer:
         """A server over clients that live elsewhere: `transport` reaches them by name, `model`
-        holds the initial global parameters and evaluates them, `options` sets evaluation's batch
-        size, device and maximum length."""
+        holds the initial global parameters (the student, in federated distillation) and
+        evaluates them, `options` sets evaluation's batch size, device and maximum length."""
         if not clients:
             raise ConfigError("FedServer needs at least one client")
         server = cls.__new__(cls)
-        server._setup(list(clients), transport, model, tokenizer, label_map, options, lora_aggregation)
+        server._setup(list(clients), transport, model, tokenizer, label_map, options, lora_aggregation, algorithm)
         server._configure_rounds(strategy, seed, min_clients, round_timeout)
         return server
 
-    def _setup(self, clients, transport, model, tokenizer, label_map, options, lora_aggregation) -> None:
+    def _setup(self, clients, transport, model, tokenizer, label_map, options, lora_aggregation, algorithm) -> None:
         if lora_aggregation not in LORA_AGGREGATIONS:
             raise ConfigError(f"lora_aggregation must be one of {list(LORA_AGGREGATIONS)}, got {lora_aggregation!r}")
         self.clients = clients
@@ -121,6 +135,8 @@ class FedServer:
         self._model = model
         self._tokenizer = tokenizer
         self.lora_aggregation = lora_aggregation
+        self.algorithm = algorithm  # None: weight averaging with the strategy
+        self.distillation = algorithm if isinstance(algorithm, FederatedDistillation) else None
         # stack folds the adapters into the adapted layers' base weights, which then travel down
         self.lora_base = lora_aggregation == "stack" and bool(lora_pairs(federated_spec(model)))
         if self.lora_base:
@@ -131,8 +147,16 @@ class FedServer:
         self.lora_pairs = lora_pairs(self.spec)
         self.lora_scalings = lora_scalings(model) if self.lora_pairs else {}
         self.lora_rank = max((pair.a_shape[0] for pair in self.lora_pairs), default=0)
-        self.layouts = self._client_layouts()
+        self.layouts = {} if self.distillation else self._client_layouts()
         self._eval_model: torch.nn.Module | None = None
+
+    def upload_numel(self, name: str | None = None) -> int:
+        """How many values a client's update holds (`name`'s, or the largest)."""
+        if self.distillation is not None:
+            return self.distillation.output_numel(self.label_map.num_labels)
+        if name is not None and name in self.layouts:
+            return self.layouts[name].upload.numel
+        return self.spec.numel
 
     def _client_layouts(self) -> dict[str, ClientLayout]:
         """The layouts of clients whose vectors are not the global vector (lower LoRA ranks, or
@@ -197,6 +221,11 @@ class FedServer:
     ) -> dict[str, FitIns]:
         """Each named client's instructions for the round; `compress` applies the download codec
         (only to messages that travel: `broadcast_model` hands clients the exact parameters)."""
+        if self.distillation is not None:
+            message = self.distillation.fit_message({"round": round_number, "epochs": local_epochs, "seed": self.seed})
+            if self.upload_codec is not None:
+                message.config["upload_codec"] = self.upload_codec
+            return dict.fromkeys(names, message)
         config, tensors = self.strategy.configure_fit(self.global_params)
         if tensors and any(not layout.same_ranks for layout in self.layouts.values()):
             raise ConfigError(
@@ -241,18 +270,21 @@ class FedServer:
                 self._accept(client.name, result, updates, dropped)
         if not updates:
             raise FedlmError("no client has a new update to aggregate; call client.local_train() first")
-        aggregation = self._aggregate(updates)
+        aggregation = self._aggregate(updates, self.round + 1)
         self.round += 1
         record = {"round": self.round, "clients": len(updates), "dropped": dropped, **aggregation}
         self.history.append(record)
         return record
 
-    def _aggregate(self, updates: list[ClientUpdate]) -> dict[str, Any]:
-        """The strategy's step, then for LoRA adapters the configured re-factoring (`svd`) and the
-        aggregation error it leaves; returns the training summary for the round's record."""
+    def _aggregate(self, updates: list[ClientUpdate], round_number: int) -> dict[str, Any]:
+        """The strategy's step, then for LoRA adapters the configured re-factoring (`svd`, `stack`)
+        and the aggregation error it leaves, then FedDF's ensemble distillation if configured (in
+        federated distillation: the student's training instead); returns the round's summary."""
+        summary = _train_summary(updates)
+        if self.distillation is not None:
+            return {**summary, **self.distillation.aggregate(self, updates, round_number)}
         previous = self.global_params
         self.global_params = self.strategy.aggregate(previous, updates)
-        summary = _train_summary(updates)
         if self.lora_pairs:
             if self.lora_aggregation == "svd":
                 self.global_params = svd_refactor(previous, self.global_params, updates, self.lora_pairs)
@@ -263,6 +295,11 @@ class FedServer:
             summary["lora_aggregation_error"] = lora_aggregation_error(
                 previous, self.global_params, updates, self.lora_pairs, self.lora_scalings if self.lora_base else None
             )
+        if isinstance(self.algorithm, EnsembleDistillation):
+            self.global_params, metrics = self.algorithm.refine(
+                self, previous, self.global_params, updates, round_number
+            )
+            summary.update(metrics)
         return summary
 
     def get_model(self) -> torch.nn.Module:
@@ -373,7 +410,11 @@ class FedServer:
         distribution (mean, weighted mean, worst, 10th percentile, std) of accuracy and macro-F1."""
         sampled = self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate")
         names = [client.name for client in sampled if client.has_test_data]
-        messages = self._messages(names, EvaluateIns, {"round": self.round}, {}, compress=False)
+        if self.distillation is not None:  # each client's own model
+            config = {"round": self.round, "distillation": self.distillation.client_config()}
+            messages = dict.fromkeys(names, EvaluateIns(torch.zeros(0), config))
+        else:
+            messages = self._messages(names, EvaluateIns, {"round": self.round}, {}, compress=False)
         results = []
         for name, reply in self.transport.evaluate(messages, self._deadline()).items():
             if isinstance(reply, str):
@@ -419,7 +460,7 @@ class FedServer:
 
         # 4. aggregate, or skip the round when too few clients remain
         if len(updates) >= self.min_clients:
-            record.update(self._aggregate(updates))
+            record.update(self._aggregate(updates, round_number))
         else:
             logger.warning(
                 "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",
@@ -471,7 +512,7 @@ class FedServer:
 
     def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:
         layout = self.layouts.get(name)
-        problem = self._update_problem(result, self.spec.numel if layout is None else layout.upload.numel)
+        problem = self._update_problem(result, self.upload_numel(name))
         if problem:
             self._drop(self.round + 1, name, problem, dropped)
             return
@@ -497,6 +538,8 @@ class FedServer:
         return None if self.round_timeout is None else time.monotonic() + self.round_timeout
 
     def _local_clients(self, method: str) -> list[FedClient]:
+        if self.distillation is not None:
+            raise FedlmError(f"{method} averages weights; a server running FederatedDistillation trains with fit()")
         if not all(isinstance(client, FedClient) for client in self.clients):
             raise FedlmError(f"{method} needs FedClient objects; this server's clients are remote, use fit()")
         return self.clients

@@ -49,14 +49,14 @@ def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[d
     return records
 
 
-def build_tiny_model_folder(folder: Path, hidden_size: int = 32) -> Path:
+def build_tiny_model_folder(folder: Path, hidden_size: int = 32, layers: int = 2) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     tokenizer = BertTokenizer(vocab=str(FIXTURES / "vocab.txt"))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=hidden_size,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden_size,
         max_position_embeddings=64,

@@ -68,20 +68,7 @@ def load_text_dataset(
     """
     if isinstance(dataset, TextDataset):
         return dataset
-    if isinstance(dataset, (str, Path)):
-        source = str(dataset)
-        columns = _read_path(Path(dataset), owner)
-    elif isinstance(dataset, list):
-        source = "list of records"
-        columns = _records_to_columns(dataset, owner, source)
-    elif hasattr(dataset, "column_names") and hasattr(dataset, "to_dict"):
-        source = "datasets.Dataset"
-        columns = dataset.to_dict()
-    else:
-        raise DatasetError(
-            f"{owner}: dataset of type {type(dataset).__name__} is not supported; give a file path "
-            f"({', '.join(FILE_SUFFIXES)} or a datasets.save_to_disk folder), a datasets.Dataset, or a list of dicts"
-        )
+    source, columns = _read_columns(dataset, owner)
     text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
     label_name = _pick_column(columns, label_column, LABEL_ALIASES, "label", owner, source)
     texts, labels = columns[text_name], columns[label_name]
@@ -95,6 +82,42 @@ def load_text_dataset(
             )
     others = {name: list(values) for name, values in columns.items() if name not in (text_name, label_name)}
     return TextDataset(list(texts), list(labels), source, others)
+
+
+def load_public_set(
+    dataset: Any, text_column: str | None = None, label_column: str | None = None, owner: str = "public set"
+) -> TextDataset:
+    """A public (proxy) set for distillation: like `load_text_dataset`, but labels are optional
+    (then every label is None) and a plain list of strings is texts."""
+    if isinstance(dataset, TextDataset):
+        return dataset
+    if isinstance(dataset, list) and all(isinstance(text, str) for text in dataset):
+        dataset = [{"text": text} for text in dataset]
+    source, columns = _read_columns(dataset, owner)
+    text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
+    has_label = label_column is not None or any(name.lower() in LABEL_ALIASES for name in columns)
+    texts = columns[text_name]
+    labels = columns[_pick_column(columns, label_column, LABEL_ALIASES, "label", owner, source)] if has_label else None
+    if len(texts) == 0:
+        raise DatasetError(f"{owner}: {source} holds no examples")
+    bad = next((row for row, text in enumerate(texts) if not isinstance(text, str)), None)
+    if bad is not None:
+        raise DatasetError(f"{owner}: {source} row {bad}: text must be a string, got {texts[bad]!r:.60}")
+    return TextDataset(list(texts), list(labels) if labels is not None else [None] * len(texts), source)
+
+
+def _read_columns(dataset: Any, owner: str) -> tuple[str, dict[str, list]]:
+    """Where `dataset` comes from, and its columns."""
+    if isinstance(dataset, (str, Path)):
+        return str(dataset), _read_path(Path(dataset), owner)
+    if isinstance(dataset, list):
+        return "list of records", _records_to_columns(dataset, owner, "list of records")
+    if hasattr(dataset, "column_names") and hasattr(dataset, "to_dict"):
+        return "datasets.Dataset", dataset.to_dict()
+    raise DatasetError(
+        f"{owner}: dataset of type {type(dataset).__name__} is not supported; give a file path "
+        f"({', '.join(FILE_SUFFIXES)} or a datasets.save_to_disk folder), a datasets.Dataset, or a list of dicts"
+    )
 
 
 def _read_path(path: Path, owner: str) -> dict[str, list]:

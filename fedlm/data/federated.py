@@ -1,4 +1,5 @@
-"""The federation's data: each client's train and test splits, and the server's validation set."""
+"""The federation's data: each client's train and test splits, the server's validation set, and
+a public set held back for distillation."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class ClientData:
 class FederatedData:
     clients: list[ClientData]
     validation: TextDataset | None
+    public: TextDataset | None = None  # distillation's public set, when held out of the dataset
 
     def label_values(self) -> list[str]:
         """Every label some client trains on, as sorted label keys."""

@@ -19,6 +19,7 @@ from fedlm.data import (
     load_predefined,
     load_text_dataset,
 )
+from fedlm.data.dataset import load_public_set
 from fedlm.data.federated import ClientData, FederatedData
 from fedlm.data.labels import label_key
 from fedlm.data.partition import NaturalPartitioner, Partitioner
@@ -58,6 +59,12 @@ def prepare_federated_data(config: RunConfig) -> FederatedData:
     else:
         kept, held = holdout_split(len(data), data_config.validation_fraction, derive_seed(config.seed, "validation"))
         validation = data.subset(held) if held else None
+    public = None
+    if config.algorithm is not None and config.algorithm.public_data.held_out is not None:
+        fraction = config.algorithm.public_data.held_out
+        kept_positions, public_positions = holdout_split(len(kept), fraction, derive_seed(config.seed, "public"))
+        public = data.subset([kept[i] for i in public_positions])
+        kept = [kept[i] for i in kept_positions]
     if parts is None:
         partitioner = make_partitioner(partition, derive_seed(config.seed, "partition"))
         targets = data.subset(kept).column(getattr(partition, "column", None) or "label", owner="data.partition.column")
@@ -73,9 +80,34 @@ def prepare_federated_data(config: RunConfig) -> FederatedData:
         split_client(name, data.subset(part), data_config.client_test_fraction, config.seed)
         for name, part in zip(names, parts)
     ]
-    federated = FederatedData(clients, validation)
+    federated = FederatedData(clients, validation, public)
     check_validation_labels(federated)
     return federated
+
+
+def load_public_data(config: RunConfig, held_out: TextDataset | None = None) -> TextDataset:
+    """Distillation's public set: `held_out` of the dataset (`FederatedData.public`), or its own
+    bundled dataset or file, subsampled (seeded) to `max_examples`."""
+    settings = config.algorithm.public_data
+    if settings.held_out is not None:
+        if held_out is None:
+            raise ConfigError(
+                "algorithm.public_data.held_out slices the pooled data.dataset, which only a simulation has; "
+                "give public_data.dataset (a bundled name or a file every participant can read)"
+            )
+        public = held_out
+    elif settings.dataset in BUNDLED_DATASETS:
+        public = load_bundled_dataset(settings.dataset)
+    else:
+        public = load_public_set(
+            settings.dataset, settings.text_column, settings.label_column, owner="public_data.dataset"
+        )
+    if settings.max_examples is not None and settings.max_examples < len(public):
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, "public subset"))
+        public = public.subset(
+            sorted(torch.randperm(len(public), generator=generator)[: settings.max_examples].tolist())
+        )
+    return public
 
 
 def make_partitioner(partition: PartitionConfig, seed: int) -> Partitioner:

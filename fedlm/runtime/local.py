@@ -12,16 +12,26 @@ from typing import Any
 import torch
 
 from fedlm.client import FedClient, TrainingOptions
-from fedlm.config import AdapterConfig, Ia3Config, LoraConfig, RunConfig, StrategyConfig
+from fedlm.config import (
+    AdapterConfig,
+    DistillationConfig,
+    EnsembleDistillationConfig,
+    Ia3Config,
+    LoraConfig,
+    RunConfig,
+    StrategyConfig,
+)
 from fedlm.core.robust import ROBUST_AGGREGATES
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data import LabelMap
+from fedlm.data.dataset import TextDataset
 from fedlm.data.report import partition_summary
+from fedlm.distillation import DistillationSettings, EnsembleDistillation, FederatedDistillation
 from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
-from fedlm.runtime.federated_data import prepare_federated_data, resolve_clients_per_round
+from fedlm.runtime.federated_data import load_public_data, prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
 from fedlm.server import FedServer
 
@@ -81,6 +91,34 @@ def lora_aggregation(config: RunConfig) -> str:
     return config.peft.aggregation if isinstance(config.peft, LoraConfig) else "fedit"
 
 
+def client_model_names(config: RunConfig, num_clients: int) -> list[str]:
+    """Each client's model: distillation's `client_models` in turn, else `model.name`."""
+    names = config.algorithm.client_models if isinstance(config.algorithm, DistillationConfig) else None
+    return [config.model.name] * num_clients if not names else [names[i % len(names)] for i in range(num_clients)]
+
+
+def build_algorithm(
+    config: RunConfig, num_labels: int, held_out_public: TextDataset | None = None
+) -> FederatedDistillation | EnsembleDistillation | None:
+    """The config's distillation algorithm (None: weight averaging), with its public set (the
+    slice held out of a simulation's dataset, or its own) and, for federated distillation, the
+    student (seeded head)."""
+    settings = config.algorithm
+    if settings is None:
+        return None
+    public = load_public_data(config, held_out_public)
+    training = settings.model_dump(include=set(DistillationSettings.__dataclass_fields__))
+    columns = {"text_column": settings.public_data.text_column, "label_column": settings.public_data.label_column}
+    if isinstance(settings, EnsembleDistillationConfig):
+        return EnsembleDistillation(public, **columns, **training)
+    student_name = settings.student or config.model.name
+    student = load_classifier(student_name, num_labels=num_labels, seed=derive_seed(config.seed, "student"))
+    return FederatedDistillation(
+        public, student, load_tokenizer(student_name), client_output=settings.client_output,
+        digest_epochs=settings.digest_epochs, **columns, **training,
+    )  # fmt: skip
+
+
 def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
     """Each client's LoRA rank (None: the config's r): `peft.client_ranks` in turn."""
     ranks = config.peft.client_ranks if isinstance(config.peft, LoraConfig) else None
@@ -101,22 +139,18 @@ def build_simulation(config: RunConfig) -> Federation:
     federated = prepare_federated_data(config)
     clients_per_round = resolve_clients_per_round(config, len(federated.clients))
     label_map = LabelMap.from_values(federated.label_values())
-    ranks = client_lora_ranks(config, len(federated.clients))
-    models = {rank: build_model(config, config.model.name, label_map.num_labels, rank) for rank in set(ranks)}
-    tokenizer = load_tokenizer(config.model.name)
+    # clients with the same model (and LoRA rank) share one replica
+    kinds = list(
+        zip(client_model_names(config, len(federated.clients)), client_lora_ranks(config, len(federated.clients)))
+    )
+    models = {kind: build_model(config, kind[0], label_map.num_labels, kind[1]) for kind in dict.fromkeys(kinds)}
+    tokenizers = {name: load_tokenizer(name) for name, _ in models}
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     clients = [
-        FedClient(
-            client.train,
-            models[rank],
-            tokenizer,
-            name=client.name,
-            test_dataset=client.test,
-            seed=config.seed,
-            **options,
-        )
-        for client, rank in zip(federated.clients, ranks)
-    ]
+        FedClient(client.train, models[kind], tokenizers[kind[0]], name=client.name, test_dataset=client.test,
+                  seed=config.seed, **options)
+        for client, kind in zip(federated.clients, kinds)
+    ]  # fmt: skip
     server = FedServer(
         clients,
         build_strategy(config.strategy, len(clients)),
@@ -124,6 +158,7 @@ def build_simulation(config: RunConfig) -> Federation:
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
         lora_aggregation=lora_aggregation(config),
+        algorithm=build_algorithm(config, label_map.num_labels, federated.public),
     )
     configure_codecs(server, config)
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)

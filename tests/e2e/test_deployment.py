@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_records, read_metrics
+from conftest import build_tiny_model_folder, make_records, read_metrics
 from fedlm.config import load_config
 from fedlm.runtime import build_simulation, run_federation
 from fedlm.runtime.flower.certs import make_certificates
@@ -141,6 +141,36 @@ def test_stack_with_a_lower_rank_node_matches_simulation_bit_for_bit(deployment,
     simulated = simulate(config, tmp_path / "simulated")
     assert same_model(tmp_path / "config", simulated)
     assert [r.get("train_loss") for r in deployed] == [r.get("train_loss") for r in read_metrics(simulated)]
+
+
+def test_distillation_with_two_architectures_matches_simulation_bit_for_bit(
+    deployment, write_config, client_files, tmp_path
+):
+    # beta runs a 4-layer model (its node config says so; the simulation gives client 1 the
+    # second of client_models), alpha and gamma the 2-layer one; a 2-layer student
+    four_layers = build_tiny_model_folder(tmp_path / "four", layers=4)
+    public = tmp_path / "public.csv"
+    public.write_text("text\n" + "\n".join(record["text"] for record in make_records(80, seed=7)) + "\n")
+    two_layers = load_config(write_config()).model.name
+    config = write_config(
+        algorithm={
+            "kind": "distillation", "learning_rate": 1e-2, "epochs": 2, "digest_epochs": 1,
+            "public_data": {"dataset": str(public)}, "client_models": [two_layers, str(four_layers)],
+        },
+        training={"learning_rate": 3e-3},
+    )  # fmt: skip
+    start_nodes(deployment, {name: client_files[name] for name in ("alpha", "gamma")})
+    deployment.start_node("beta", {"dataset": str(client_files["beta"]), "model": str(four_layers)})
+    result = deployment.run(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert deployed[2]["bytes_up"] < 3 * (80 * 3 * 4 + 2_000)  # outputs on the public set, not weights
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    for ours, theirs in zip(deployed, read_metrics(simulated)):
+        assert ours.get("student_loss") == theirs.get("student_loss")
+        assert ours["client_test"] == theirs["client_test"]  # each client's own model, on its test split
 
 
 def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(

@@ -31,14 +31,14 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlm.client import FedClient, TrainingOptions
-from fedlm.config import LoraConfig, RunConfig
+from fedlm.config import DistillationConfig, LoraConfig, RunConfig
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.federated import ClientData
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, WireMessage
-from fedlm.runtime.federated_data import split_client
+from fedlm.runtime.federated_data import load_public_data, split_client
 from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
 from fedlm.runtime.local import build_model
@@ -59,10 +59,7 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, FitIns)
-        client = node.client(ins.config["labels"])
-        state = context.state.array_records.get(STATE, {})
-        for key in FedClient.STATE:
-            setattr(client, key, torch.from_numpy(state[key].numpy()) if key in state else None)
+        client = _restored_client(node, ins.config["labels"], context)
         result = client.fit(ins)
         kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
         if kept:
@@ -76,9 +73,18 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, EvaluateIns)
-        return node.client(ins.config["labels"]).evaluate(ins)
+        return _restored_client(node, ins.config["labels"], context).evaluate(ins)
 
     return _answer(message, context, work)
+
+
+def _restored_client(node: Node, labels: dict[str, int], context: Context) -> FedClient:
+    """The node's client with the state it kept between messages (`FedClient.STATE`)."""
+    client = node.client(labels)
+    state = context.state.array_records.get(STATE, {})
+    for key in FedClient.STATE:
+        setattr(client, key, torch.from_numpy(state[key].numpy()) if key in state else None)
+    return client
 
 
 def _answer(message: Message, context: Context, work: Callable[[Node, RecordDict], WireMessage]) -> Message:
@@ -144,6 +150,8 @@ class Node:
             **options,
         )
         client.set_label_map(label_map)
+        if isinstance(config.algorithm, DistillationConfig):
+            client.join_distillation(load_public_data(config).texts)
         return client
 
 

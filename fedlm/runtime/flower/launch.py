@@ -34,6 +34,15 @@ def absolute_paths(config: RunConfig) -> RunConfig:
         updates["data"] = data.model_copy(update={"validation_file": str(Path(data.validation_file).absolute())})
     if Path(config.model.name).exists():
         updates["model"] = config.model.model_copy(update={"name": str(Path(config.model.name).absolute())})
+    algorithm = config.algorithm
+    if algorithm is not None:
+        changes = {}
+        if algorithm.public_data.dataset and Path(algorithm.public_data.dataset).exists():
+            path = str(Path(algorithm.public_data.dataset).absolute())
+            changes["public_data"] = algorithm.public_data.model_copy(update={"dataset": path})
+        if getattr(algorithm, "student", None) and Path(algorithm.student).exists():
+            changes["student"] = str(Path(algorithm.student).absolute())
+        updates["algorithm"] = algorithm.model_copy(update=changes)
     return config.model_copy(update=updates)
 
 

@@ -24,13 +24,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedlm.client import TrainingOptions
 from fedlm.config import PredefinedPartitionConfig, RunConfig
 from fedlm.data.labels import LabelMap
+from fedlm.distillation import FederatedDistillation
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.models import load_tokenizer
-from fedlm.models.federated import federated_spec
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import build_model, build_strategy, configure_codecs, lora_aggregation
+from fedlm.runtime.local import build_algorithm, build_model, build_strategy, configure_codecs, lora_aggregation
 from fedlm.runtime.rounds import Federation, megabytes, round_line, run_federation
 from fedlm.server import FedServer
 
@@ -137,19 +137,22 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     described = (f"{info.name} (node {node_id}, {info.num_examples} examples)" for node_id, info in infos)
     logger.info("clients: %s", ", ".join(described))
     label_map = LabelMap.from_values(label for info in clients for label in info.labels)
-    model = build_model(config, config.model.name, label_map.num_labels)
-    spec = federated_spec(model)
-    # an update and at most two strategy vectors of the same size, plus headers
-    max_reply_bytes = 3 * 4 * spec.numel + (1 << 20)
-    transport = FlowerTransport(
-        grid, {info.name: node_id for node_id, info in infos}, label_map.label2id, max_reply_bytes
-    )
+    algorithm = build_algorithm(config, label_map.num_labels)
+    if isinstance(algorithm, FederatedDistillation):  # the student is the global model
+        model, tokenizer = algorithm.student, algorithm.tokenizer
+        label_map.check_fits(model.config.num_labels, owner="the student")
+    else:
+        model, tokenizer = (
+            build_model(config, config.model.name, label_map.num_labels),
+            load_tokenizer(config.model.name),
+        )
+    transport = FlowerTransport(grid, {info.name: node_id for node_id, info in infos}, label_map.label2id)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     server = FedServer.over_transport(
         clients,
         transport,
         model,
-        load_tokenizer(config.model.name),
+        tokenizer,
         label_map,
         TrainingOptions(**options, seed=config.seed),
         build_strategy(config.strategy, len(clients)),
@@ -157,7 +160,10 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
         lora_aggregation=lora_aggregation(config),
+        algorithm=algorithm,
     )
+    # an update (or a client's outputs) and at most two strategy vectors of the same size, plus headers
+    transport.max_reply_bytes = 3 * 4 * server.upload_numel() + (1 << 20)
     configure_codecs(server, config)
     validation = None
     if config.data.validation_file is not None:

@@ -1,0 +1,215 @@
+"""Federated distillation: the server learns from the clients' predictions on a public set.
+
+`FederatedDistillation` replaces weight averaging (FedMD, Li and Wang 2019, arXiv:1910.03581;
+FedKD-style soft labels, Wu et al. 2022, arXiv:2108.13323). Each round:
+  1. every sampled client, with its own model of any architecture, first digests the last
+     consensus (distils from the soft labels on the public set: FedMD's digest step) when
+     `digest_epochs` > 0, trains on its private data, and sends its logits on the public set
+     (or its probabilities at the temperature): public examples x classes values, not weights;
+  2. the server softens them at temperature T and averages them into soft labels, weighted by
+     the clients' example counts, confidence or certainty (`fedlm.core.distillation`);
+  3. the server trains the student (its own architecture) on the public set with the KD loss;
+  4. the student is the global model: evaluated on the federated validation set, saved, and
+     the model every participant gets at the end.
+Clients keep their own model between rounds (`FedClient.local_parameters`, checkpointed, and on
+Flower kept in the node's state), so simulated clients can still share one model replica.
+
+`EnsembleDistillation` (FedDF, Lin et al. 2020, arXiv:2006.07242) keeps weight averaging for
+clients of one architecture and then refines the average on the public set by distilling from
+the ensemble of the clients' models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedlm.core.distillation import SOFT_LABEL_WEIGHTINGS, aggregate_soft_labels, fingerprint, soften
+from fedlm.core.seeding import derive_seed
+from fedlm.core.update import ClientUpdate
+from fedlm.data.dataset import TextDataset, load_public_set
+from fedlm.errors import ConfigError
+from fedlm.models.federated import get_federated_vector, set_federated_vector
+from fedlm.protocol import FitIns
+from fedlm.tasks.classification import EncodedDataset, encode
+from fedlm.tasks.distillation import distil, predict_logits
+
+if TYPE_CHECKING:
+    from fedlm.server import FedServer
+
+CLIENT_OUTPUTS = ("logits", "probabilities")
+
+
+@dataclass
+class PublicSet:
+    """The public (proxy) set's texts, its labels if it has them (else None each), and a
+    fingerprint that clients check so that everyone predicts on the same texts."""
+
+    texts: list[str]
+    labels: list[Any]
+    fingerprint: str
+
+    @classmethod
+    def load(cls, data: Any, text_column: str | None = None, label_column: str | None = None) -> PublicSet:
+        dataset = data if isinstance(data, TextDataset) else load_public_set(data, text_column, label_column)
+        return cls(dataset.texts, dataset.labels, fingerprint(dataset.texts))
+
+    def encode(self, server: FedServer, with_labels: bool) -> EncodedDataset:
+        """Tokenized with the server's tokenizer; labels by the federation's label map when
+        `with_labels` (an error if the set has none), else -1."""
+        labels = [-1] * len(self.texts)
+        if with_labels:
+            if any(label is None for label in self.labels):
+                raise ConfigError("hard_label_weight > 0 needs a public set with labels")
+            labels = server.label_map.encode(self.labels, owner="public set")
+        return encode(server._tokenizer, self.texts, labels, server.options.max_length)
+
+
+@dataclass
+class DistillationSettings:
+    """What the student (or the refined average) trains with."""
+
+    temperature: float = 2.0
+    weighting: str = "examples"
+    epochs: int = 1
+    learning_rate: float = 5e-5
+    batch_size: int = 16
+    hard_label_weight: float = 0.0
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError(f"distillation temperature must be > 0, got {self.temperature}")
+        if self.weighting not in SOFT_LABEL_WEIGHTINGS:
+            raise ConfigError(
+                f"soft-label weighting must be one of {list(SOFT_LABEL_WEIGHTINGS)}, got {self.weighting!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or not self.learning_rate > 0:
+            raise ConfigError("distillation epochs and batch_size must be >= 1 and learning_rate > 0")
+        if not 0 <= self.hard_label_weight <= 1:
+            raise ConfigError(f"hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
+
+    def train(
+        self, model: torch.nn.Module, server: FedServer, public: EncodedDataset, soft_labels: torch.Tensor, seed: int
+    ) -> float:
+        """Distil `model` towards `soft_labels` on the encoded public set; the last epoch's loss."""
+        pad_id = server._tokenizer.pad_token_id or 0
+        return distil(
+            model, public, soft_labels, self.temperature, self.epochs, self.learning_rate, self.batch_size,
+            pad_id, seed, server.options.device, self.hard_label_weight,
+        )  # fmt: skip
+
+
+class FederatedDistillation:
+    """Clients send predictions on `public_data` instead of weights; the server trains `student`.
+
+    `public_data`: a file, a `datasets.Dataset`, a list of dicts or of texts (labels optional,
+    used only with `hard_label_weight`). `student`: a sequence classifier (any architecture) and
+    its `tokenizer` (default: loaded from the student's folder). `client_output`: "logits", or
+    "probabilities" (softmax at the temperature, computed by the client). `digest_epochs`: FedMD's
+    digest, epochs each client distils from the last consensus before training on its own data.
+    The rest (`temperature`, `weighting` of the soft labels, the student's `epochs`,
+    `learning_rate`, `batch_size`, `hard_label_weight`) is `DistillationSettings`.
+    """
+
+    def __init__(
+        self,
+        public_data: Any,
+        student: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        client_output: str = "logits",
+        digest_epochs: int = 0,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        **settings: Any,
+    ) -> None:
+        self.settings = DistillationSettings(**settings)
+        self.settings.check()
+        if client_output not in CLIENT_OUTPUTS:
+            raise ConfigError(f"client_output must be one of {list(CLIENT_OUTPUTS)}, got {client_output!r}")
+        if digest_epochs < 0:
+            raise ConfigError(f"digest_epochs must be >= 0, got {digest_epochs}")
+        self.public = PublicSet.load(public_data, text_column, label_column)
+        self.student = student
+        self.tokenizer = tokenizer
+        self.client_output = client_output
+        self.digest_epochs = digest_epochs
+        self.soft_labels: torch.Tensor | None = None  # the last consensus, for the digest step
+        self._encoded: EncodedDataset | None = None
+
+    def client_config(self) -> dict[str, Any]:
+        """What a client needs to take part, sent with every instruction."""
+        return {
+            "temperature": self.settings.temperature,
+            "output": self.client_output,
+            "digest_epochs": self.digest_epochs,
+            "public_examples": len(self.public.texts),
+            "public_fingerprint": self.public.fingerprint,
+        }
+
+    def fit_message(self, base: dict[str, Any]) -> FitIns:
+        tensors = {}
+        if self.digest_epochs > 0 and self.soft_labels is not None:
+            tensors["soft_labels"] = self.soft_labels.float()
+        return FitIns(torch.zeros(0), {**base, "distillation": self.client_config()}, tensors)
+
+    def output_numel(self, num_labels: int) -> int:
+        return len(self.public.texts) * num_labels
+
+    def aggregate(self, server: FedServer, updates: list[ClientUpdate], round_number: int) -> dict[str, Any]:
+        """Soft labels from the clients' outputs, then the student trained on them; the student's
+        parameters become the global parameters. Returns the round's distillation metrics."""
+        num_labels = server.label_map.num_labels
+        outputs = [update.delta.view(-1, num_labels) for update in updates]
+        if self.client_output == "logits":
+            outputs = [soften(output, self.settings.temperature) for output in outputs]
+        counts = [update.num_examples for update in updates]
+        self.soft_labels = aggregate_soft_labels(outputs, counts, self.settings.weighting)
+        if self._encoded is None:
+            self._encoded = self.public.encode(server, self.settings.hard_label_weight > 0)
+        student = server._global_model()
+        seed = derive_seed(server.seed, "student", round_number)
+        loss = self.settings.train(student, server, self._encoded, self.soft_labels, seed)
+        server.global_params = get_federated_vector(student)
+        confidence = float(self.soft_labels.max(dim=-1).values.mean())
+        return {"student_loss": loss, "soft_label_confidence": confidence}
+
+
+class EnsembleDistillation:
+    """FedDF: after averaging, distil the averaged model from the ensemble of the clients'
+    models (global + each client's delta) on `public_data` (labels not needed)."""
+
+    def __init__(
+        self, public_data: Any, *, text_column: str | None = None, label_column: str | None = None, **settings: Any
+    ) -> None:
+        self.settings = DistillationSettings(**settings)
+        self.settings.check()
+        self.public = PublicSet.load(public_data, text_column, label_column)
+        self._encoded: EncodedDataset | None = None
+
+    def refine(
+        self,
+        server: FedServer,
+        previous: torch.Tensor,
+        averaged: torch.Tensor,
+        updates: list[ClientUpdate],
+        round_number: int,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The averaged parameters after distilling from the clients' ensemble, and metrics."""
+        if self._encoded is None:
+            self._encoded = self.public.encode(server, self.settings.hard_label_weight > 0)
+        model = server._global_model()
+        pad_id = server._tokenizer.pad_token_id or 0
+        outputs = []
+        for update in updates:
+            set_federated_vector(model, previous + update.delta, server.lora_base)
+            logits = predict_logits(model, self._encoded, self.settings.batch_size, pad_id, server.options.device)
+            outputs.append(soften(logits, self.settings.temperature))
+        soft_labels = aggregate_soft_labels(outputs, [u.num_examples for u in updates], self.settings.weighting)
+        set_federated_vector(model, averaged, server.lora_base)
+        loss = self.settings.train(
+            model, server, self._encoded, soft_labels, derive_seed(server.seed, "ensemble", round_number)
+        )
+        return get_federated_vector(model, server.lora_base), {"ensemble_distillation_loss": loss}
