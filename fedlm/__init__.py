@@ -19,6 +19,8 @@ _EXPORTS = {
         for name in ("FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "Scaffold", "Strategy")
     },
     **{name: "fedlm.core.robust" for name in ("CoordinateMedian", "TrimmedMean", "Krum")},
+    "FederatedDistillation": "fedlm.distillation",
+    "EnsembleDistillation": "fedlm.distillation",
     "ClientError": "fedlm.errors",
     "ConfigError": "fedlm.errors",
     "DatasetError": "fedlm.errors",

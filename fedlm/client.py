@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from fedlm.core.compression import ErrorFeedback, codec_from_spec, codec_spec
 from fedlm.core.distillation import fingerprint, soften
 from fedlm.core.params import unflatten
+from fedlm.core.privacy import clip_delta
 from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap, label_key
@@ -198,9 +200,20 @@ class FedClient:
             result = self._distillation_round(ins, received, seed)
         else:
             result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
+        if "dp_clip_norm" in ins.config:
+            result.delta = self._privatize(result.delta, ins.config["dp_clip_norm"], ins.config["dp_noise_std"])
         if "upload_codec" in ins.config:
             result.delta = self._compress(result.delta, ins.config["upload_codec"])
         return result
+
+    @staticmethod
+    def _privatize(delta: torch.Tensor, clip_norm: float, noise_std: float) -> torch.Tensor:
+        """Distributed DP: clip the delta and add this client's share of the Gaussian noise, drawn
+        from the operating system's randomness so that nobody, the server included, can
+        reproduce and subtract it (a run with client-side noise is not bit-reproducible)."""
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        clipped, _ = clip_delta(delta, clip_norm)
+        return clipped + noise_std * torch.randn(delta.shape, generator=generator, dtype=delta.dtype)
 
     def _distillation_round(self, ins: FitIns, received: torch.Tensor, seed: int) -> FitRes:
         """Digest the consensus (when sent), train on the private data, and return the outputs

@@ -349,6 +349,37 @@ class EnsembleDistillationConfig(DistillationTraining):
 AlgorithmConfig = Annotated[DistillationConfig | EnsembleDistillationConfig, Field(discriminator="kind")]
 
 
+class AdaptiveClippingConfig(Section):
+    """Adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update norms."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="fraction of updates that should go unclipped")
+    learning_rate: float = Field(0.2, gt=0, description="geometric step of the clip norm per round")
+    count_noise: float | None = Field(
+        None, gt=0, description="std of the noise on the unclipped count; default clients per round / 20"
+    )
+
+
+class DPConfig(Section):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) with an accountant."""
+
+    noise_multiplier: float | None = Field(None, gt=0, description="z: noise std = z * clip_norm on the sum")
+    target_epsilon: float | None = Field(None, gt=0, description="instead of noise_multiplier: the z that reaches it")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of each client's update (the start, when adaptive)")
+    adaptive: AdaptiveClippingConfig | None = None
+    noise: Literal["server", "clients"] = Field(
+        "server", description="server: a trusted server adds the noise; clients: each adds its share (distributed DP)"
+    )
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="Renyi DP or privacy loss distributions")
+    max_epsilon: float | None = Field(None, gt=0, description="stop, checkpointed, before epsilon would exceed this")
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> DPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier or target_epsilon")
+        return self
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
     seed: int = Field(
@@ -366,6 +397,7 @@ class RunConfig(Section):
     algorithm: AlgorithmConfig | None = Field(
         None, description="distillation or ensemble_distillation; omitted: weight averaging with the strategy"
     )
+    dp: DPConfig | None = Field(None, description="client-level differential privacy with privacy accounting")
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:
@@ -377,6 +409,18 @@ class RunConfig(Section):
     def _distillation_fits(self) -> RunConfig:
         if isinstance(self.algorithm, DistillationConfig) and self.peft is not None:
             raise ValueError("algorithm distillation trains whole client models; remove peft (adapters are averaged)")
+        if self.dp is not None:
+            if isinstance(self.algorithm, DistillationConfig):
+                raise ValueError("dp protects weight updates; it does not yet cover distillation's logits")
+            if self.strategy.robust is not None or self.strategy.kind == "scaffold":
+                raise ValueError(
+                    "dp sends the strategy one noisy average per round: robust aggregation and scaffold's control "
+                    "variates (not privatized) do not combine with it"
+                )
+            if isinstance(self.peft, LoraConfig) and self.peft.aggregation in ("stack", "svd"):
+                raise ValueError(
+                    "dp with LoRA needs aggregation fedit or ffa: stack and svd combine the clients' raw factors"
+                )
         held_out = self.algorithm is not None and self.algorithm.public_data.held_out is not None
         if held_out and isinstance(self.data.partition, PredefinedPartitionConfig):
             raise ValueError(

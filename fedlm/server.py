@@ -37,6 +37,7 @@ from fedlm.errors import ConfigError, FedlmError, ModelError
 from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
+from fedlm.privacy.accounting import RoundAccounting
 from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
@@ -199,6 +200,10 @@ class FedServer:
         # parameters sent down; the upload spec may add "error_feedback": true
         self.upload_codec: dict[str, Any] | None = None
         self.download_codec: dict[str, Any] | None = None
+        # differential privacy's accounting (with a DifferentialPrivacy strategy); every
+        # aggregated round is charged, and fit() stops before a round would exceed max_epsilon
+        self.privacy: RoundAccounting | None = None
+        self.stop_reason: str | None = None
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
@@ -253,7 +258,7 @@ class FedServer:
                 own_tensors = (
                     tensors
                     if layout is None
-                    else {key: layout.restrict(tensor, upload=True) for key, tensor in tensors.items()}
+                    else {tensor_name: layout.restrict(tensor, upload=True) for tensor_name, tensor in tensors.items()}
                 )
                 if codec is not None:
                     parameters = Compressed.encode(codec, parameters)
@@ -377,6 +382,14 @@ class FedServer:
         encoded = None if validation is None else self.encode_dataset(validation)
         records = []
         for _ in range(rounds):
+            projected = None if self.privacy is None else self.privacy.next_round_exceeds_budget()
+            if projected is not None:
+                self.stop_reason = (
+                    f"stopped before round {self.round + 1}: it would bring epsilon to {projected:.3f}, over "
+                    f"max_epsilon {self.privacy.max_epsilon} (delta {self.privacy.delta})"
+                )
+                logger.warning("%s", self.stop_reason)
+                break
             record = self.run_round(local_epochs, clients_per_round, encoded, clients_per_evaluation)
             records.append(record)
             if on_round_end is not None:
@@ -461,6 +474,9 @@ class FedServer:
         # 4. aggregate, or skip the round when too few clients remain
         if len(updates) >= self.min_clients:
             record.update(self._aggregate(updates, round_number))
+            if self.privacy is not None:  # a released aggregate: the round costs privacy
+                record.update(self.privacy.spend_round())
+                record.update({f"dp_{key}": value for key, value in getattr(self.strategy, "last_round", {}).items()})
         else:
             logger.warning(
                 "round %d skipped: %d client(s) sent a valid update, min_clients is %d; global model unchanged",

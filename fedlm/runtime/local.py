@@ -7,6 +7,7 @@ with the number of clients; `fedlm.runtime.rounds.run_federation` drives the rou
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from fedlm.config import (
     RunConfig,
     StrategyConfig,
 )
+from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
 from fedlm.core.robust import ROBUST_AGGREGATES
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
@@ -31,9 +33,12 @@ from fedlm.distillation import DistillationSettings, EnsembleDistillation, Feder
 from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
+from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
 from fedlm.runtime.federated_data import load_public_data, prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
 from fedlm.server import FedServer
+
+logger = logging.getLogger("fedlm")
 
 
 def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
@@ -44,6 +49,60 @@ def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
     if config.kind == "scaffold":
         options["num_clients"] = num_clients
     return STRATEGIES[config.kind](**options)
+
+
+def add_privacy(
+    config: RunConfig, strategy: Strategy, num_clients: int, clients_per_round: int | None
+) -> tuple[Strategy, RoundAccounting | None]:
+    """The strategy wrapped in DP-FedAvg and the run's privacy accounting, when the config has
+    `dp`; the noise multiplier comes from `target_epsilon` for the configured rounds if asked."""
+    settings = config.dp
+    if settings is None:
+        return strategy, None
+    expected = clients_per_round or num_clients
+    sampling_rate = expected / num_clients
+    rounds = config.federation.rounds
+    noise_multiplier = settings.noise_multiplier or noise_for_epsilon(
+        settings.target_epsilon, sampling_rate, rounds, settings.delta, settings.accountant
+    )
+    adaptive = None
+    if settings.adaptive is not None:
+        options = settings.adaptive.model_dump()
+        options["count_noise"] = options["count_noise"] or expected / 20  # Andrew et al.'s suggestion
+        adaptive = AdaptiveClipping(**options)
+    try:
+        private = DifferentialPrivacy(
+            strategy, noise_multiplier=noise_multiplier, clip_norm=settings.clip_norm, expected_clients=expected,
+            noise=settings.noise, adaptive=adaptive, seed=derive_seed(config.seed, "dp"),
+        )  # fmt: skip
+    except ValueError as error:
+        raise ConfigError(f"dp: {error}") from None
+    accounting = RoundAccounting(
+        noise_multiplier, sampling_rate, settings.delta, settings.accountant, settings.max_epsilon
+    )
+    projected = compute_epsilon(noise_multiplier, sampling_rate, rounds, settings.delta, settings.accountant)
+    if (
+        settings.max_epsilon is not None
+        and compute_epsilon(noise_multiplier, sampling_rate, 1, settings.delta, settings.accountant)
+        > settings.max_epsilon
+    ):
+        raise ConfigError(
+            f"dp: a single round at noise multiplier {noise_multiplier:.3g} already exceeds max_epsilon "
+            f"{settings.max_epsilon}; use at least noise multiplier "
+            f"{noise_for_epsilon(settings.max_epsilon, sampling_rate, 1, settings.delta, settings.accountant):.3g}"
+        )
+    if settings.max_epsilon is not None and projected > settings.max_epsilon:
+        needed = noise_for_epsilon(settings.max_epsilon, sampling_rate, rounds, settings.delta, settings.accountant)
+        logger.warning(
+            "dp: %d rounds at noise multiplier %.4g reach epsilon %.3f > max_epsilon %g: the run will stop early; "
+            "noise multiplier %.4g would last all rounds",
+            rounds, noise_multiplier, projected, settings.max_epsilon, needed,
+        )  # fmt: skip
+    logger.info(
+        "dp: noise multiplier %.4g, clip norm %g, q %.3g: epsilon %.3f after %d rounds at delta %g",
+        noise_multiplier, settings.clip_norm, sampling_rate, projected, rounds, settings.delta,
+    )  # fmt: skip
+    return private, accounting
 
 
 def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: int | None = None) -> torch.nn.Module:
@@ -151,9 +210,12 @@ def build_simulation(config: RunConfig) -> Federation:
                   seed=config.seed, **options)
         for client, kind in zip(federated.clients, kinds)
     ]  # fmt: skip
+    strategy, accounting = add_privacy(
+        config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
+    )
     server = FedServer(
         clients,
-        build_strategy(config.strategy, len(clients)),
+        strategy,
         seed=config.seed,
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
@@ -161,5 +223,6 @@ def build_simulation(config: RunConfig) -> Federation:
         algorithm=build_algorithm(config, label_map.num_labels, federated.public),
     )
     configure_codecs(server, config)
+    server.privacy = accounting
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

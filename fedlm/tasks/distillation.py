@@ -75,5 +75,5 @@ def distil(
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                loss_sum += float(loss) * len(rows)
+                loss_sum += float(loss.detach()) * len(rows)
     return loss_sum / len(data)

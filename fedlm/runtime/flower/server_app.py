@@ -30,7 +30,14 @@ from fedlm.models import load_tokenizer
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import build_algorithm, build_model, build_strategy, configure_codecs, lora_aggregation
+from fedlm.runtime.local import (
+    add_privacy,
+    build_algorithm,
+    build_model,
+    build_strategy,
+    configure_codecs,
+    lora_aggregation,
+)
 from fedlm.runtime.rounds import Federation, megabytes, round_line, run_federation
 from fedlm.server import FedServer
 
@@ -148,6 +155,10 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         )
     transport = FlowerTransport(grid, {info.name: node_id for node_id, info in infos}, label_map.label2id)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
+    clients_per_round = resolve_clients_per_round(config, len(clients))
+    strategy, accounting = add_privacy(
+        config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
+    )
     server = FedServer.over_transport(
         clients,
         transport,
@@ -155,7 +166,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         tokenizer,
         label_map,
         TrainingOptions(**options, seed=config.seed),
-        build_strategy(config.strategy, len(clients)),
+        strategy,
         seed=config.seed,
         min_clients=config.federation.min_clients,
         round_timeout=config.federation.round_timeout,
@@ -165,9 +176,10 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     # an update (or a client's outputs) and at most two strategy vectors of the same size, plus headers
     transport.max_reply_bytes = 3 * 4 * server.upload_numel() + (1 << 20)
     configure_codecs(server, config)
+    server.privacy = accounting
     validation = None
     if config.data.validation_file is not None:
         validation = server.encode_dataset(
             config.data.validation_file, config.data.text_column, config.data.label_column
         )
-    return Federation(config, server, validation, resolve_clients_per_round(config, len(clients)))
+    return Federation(config, server, validation, clients_per_round)

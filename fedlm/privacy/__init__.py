@@ -1,0 +1,1 @@
+"""Privacy beyond keeping raw text on the clients: accounting for differential privacy."""
