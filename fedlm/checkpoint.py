@@ -23,8 +23,9 @@ from fedlm.errors import ConfigError
 from fedlm.server import FedServer
 
 CHECKPOINT_VERSION = 1
-# Config fields a resumed run may change: where it writes, how long it runs, how it waits for nodes.
-RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every", "deployment")
+# Config fields a resumed run may change: where it writes, how long it runs, how it waits for nodes,
+# and the privacy budget it may spend (epsilon is accounted across the resume either way).
+RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every", "deployment", "dp.max_epsilon")
 
 
 def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any]], config: dict[str, Any]) -> None:
@@ -54,6 +55,7 @@ def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any
         "config": config,
         "records": records,
         "history": server.history,
+        "privacy": None if server.privacy is None else server.privacy.accountant.state(),
     }
     (temporary / "state.json").write_text(json.dumps(state))
     _fsync_folder(temporary)
@@ -106,6 +108,8 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
         if isinstance(client, FedClient):  # remote clients keep their own state
             for key in FedClient.STATE:
                 setattr(client, key, client_state.get(f"{client.name}/{key}"))
+    if server.privacy is not None and state.get("privacy") is not None:
+        server.privacy.accountant.load_state(state["privacy"])
     server.round = state["round"]
     server.history = state["history"]
     return state["records"]

@@ -22,7 +22,18 @@ from fedlm.errors import ConfigError
 from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
-from fedlm.protocol import Compressed, EvaluateIns, EvaluateRes, FitIns, FitRes
+from fedlm.privacy.secure_aggregation import SecAggClient, SecAggSettings, neighbourhoods
+from fedlm.protocol import (
+    Compressed,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    StageIns,
+    StageRes,
+    as_bytes,
+    from_bytes,
+)
 from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
 from fedlm.tasks.distillation import distil, predict_logits
 
@@ -110,6 +121,7 @@ class FedClient:
         self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
         self.local_parameters: torch.Tensor | None = None  # its own model, in federated distillation
         self.public_texts: list[str] | None = None  # the public set it predicts on, in distillation
+        self._secure_aggregation: SecAggClient | None = None  # this round's secrets, when masking
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
@@ -202,9 +214,40 @@ class FedClient:
             result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
         if "dp_clip_norm" in ins.config:
             result.delta = self._privatize(result.delta, ins.config["dp_clip_norm"], ins.config["dp_noise_std"])
+        if "secagg" in ins.config:  # the server gets the update only masked, to be summed
+            inbox = {
+                int(key.split(".")[1]): as_bytes(value) for key, value in ins.tensors.items() if key.startswith("from.")
+            }
+            weighted = result.delta * float(ins.config["secagg"]["weight"])
+            result.delta = self._secure_aggregation.masked_input(weighted, inbox)
         if "upload_codec" in ins.config:
             result.delta = self._compress(result.delta, ins.config["upload_codec"])
         return result
+
+    def stage(self, ins: StageIns) -> StageRes:
+        """Secure aggregation's exchanges around `fit`: public keys, encrypted key shares, and
+        the shares that let the server unmask the sum (`fedlm.privacy.secure_aggregation`)."""
+        config = ins.config
+        if ins.stage == "secagg_keys":
+            settings = SecAggSettings(config["num_clients"], config["threshold"], config["num_neighbours"],
+                                      config["clip_range"], config["graph_seed"])  # fmt: skip
+            own = config["index"]
+            self._secure_aggregation = SecAggClient(own, settings, neighbourhoods(settings)[own])
+            channel, mask = self._secure_aggregation.public_keys()
+            return StageRes({}, {"channel": from_bytes(channel), "mask": from_bytes(mask)})
+        if self._secure_aggregation is None:
+            raise ConfigError(f"client {self.name}: secure aggregation stage {ins.stage!r} before its keys")
+        if ins.stage == "secagg_shares":
+            keys = {}
+            for key, value in ins.tensors.items():
+                part, other = key.split(".")
+                keys.setdefault(int(other), {})[part] = as_bytes(value)
+            sealed = self._secure_aggregation.share_keys({v: (k["channel"], k["mask"]) for v, k in keys.items()})
+            return StageRes({}, {f"to.{v}": from_bytes(ciphertext) for v, ciphertext in sealed.items()})
+        if ins.stage == "secagg_reveal":
+            shares = self._secure_aggregation.reveal(set(config["survivors"]), set(config["dropped"]))
+            return StageRes({part: {str(k): str(v) for k, v in values.items()} for part, values in shares.items()})
+        raise ConfigError(f"client {self.name}: unknown stage {ins.stage!r}")
 
     @staticmethod
     def _privatize(delta: torch.Tensor, clip_norm: float, noise_std: float) -> torch.Tensor:

@@ -380,6 +380,16 @@ class DPConfig(Section):
         return self
 
 
+class SecureAggregationConfig(Section):
+    """SecAgg+ (Bonawitz et al. 2017, Bell et al. 2020): the server sees only the sum of the updates."""
+
+    clip_range: float = Field(
+        1.0, gt=0, description="updates are clipped to [-clip_range, clip_range] per value before quantization"
+    )
+    num_neighbours: int | None = Field(None, ge=1, description="per client; default 2 ceil(log2 n) + 2 (at most n - 1)")
+    threshold: int | None = Field(None, ge=2, description="shares needed to unmask; default a majority of neighbours")
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
     seed: int = Field(
@@ -398,6 +408,9 @@ class RunConfig(Section):
         None, description="distillation or ensemble_distillation; omitted: weight averaging with the strategy"
     )
     dp: DPConfig | None = Field(None, description="client-level differential privacy with privacy accounting")
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        None, description="mask the updates so that the server only learns their sum"
+    )
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:
@@ -421,12 +434,34 @@ class RunConfig(Section):
                 raise ValueError(
                     "dp with LoRA needs aggregation fedit or ffa: stack and svd combine the clients' raw factors"
                 )
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation()
         held_out = self.algorithm is not None and self.algorithm.public_data.held_out is not None
         if held_out and isinstance(self.data.partition, PredefinedPartitionConfig):
             raise ValueError(
                 "public_data.held_out slices data.dataset; with predefined clients give public_data.dataset"
             )
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        needs_updates = {
+            "algorithm (distillation)": self.algorithm is not None,
+            "strategy.robust": self.strategy.robust is not None,
+            "strategy scaffold": self.strategy.kind == "scaffold",
+            "peft aggregation stack or svd": isinstance(self.peft, LoraConfig)
+            and self.peft.aggregation in ("stack", "svd"),
+            "communication.upload": self.communication.upload is not None,
+            "dp.adaptive": self.dp is not None and self.dp.adaptive is not None,
+        }
+        clashes = [name for name, present in needs_updates.items() if present]
+        if clashes:
+            raise ValueError(
+                f"secure_aggregation gives the server only the sum of the updates; {clashes} need each one"
+            )
+        if self.dp is not None and self.dp.noise != "clients":
+            raise ValueError(
+                "with secure_aggregation the server cannot add DP noise to updates it never sees: dp.noise: clients"
+            )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -192,6 +192,50 @@ class ClientInfo(WireMessage):
         )
 
 
+@dataclass
+class StageIns(WireMessage):
+    """One step of a multi-message protocol within a round (secure aggregation's key exchange
+    and unmasking): which `stage`, a JSON `config`, and byte strings as uint8 tensors."""
+
+    stage: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    KIND: ClassVar[str] = "stage_ins"
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return dict(self.tensors), {"stage": self.stage, "config": self.config}
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StageIns:
+        return cls(str(meta["stage"]), dict(meta["config"]), dict(tensors))
+
+
+@dataclass
+class StageRes(WireMessage):
+    """A client's answer to a `StageIns`."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    KIND: ClassVar[str] = "stage_res"
+
+    def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return dict(self.tensors), dict(self.meta)
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StageRes:
+        return cls(dict(meta), dict(tensors))
+
+
+def as_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.numpy().tobytes()
+
+
+def from_bytes(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class ClientProtocol(Protocol):
     """What a client answers, wherever it runs."""
 
@@ -200,6 +244,8 @@ class ClientProtocol(Protocol):
     def fit(self, ins: FitIns) -> FitRes: ...
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes: ...
+
+    def stage(self, ins: StageIns) -> StageRes: ...
 
 
 @dataclass
@@ -240,6 +286,8 @@ class ClientTransport(Protocol):
 
     def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]: ...
 
+    def stage(self, messages: Mapping[str, StageIns], deadline: float | None) -> dict[str, StageRes | str]: ...
+
 
 class LoopbackTransport:
     """The in-process transport: encodes each message to bytes and decodes it on the other side,
@@ -260,6 +308,11 @@ class LoopbackTransport:
     def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]:
         return self._exchange(
             messages, deadline, lambda client, data: client.evaluate(EvaluateIns.from_bytes(data)), EvaluateRes
+        )
+
+    def stage(self, messages: Mapping[str, StageIns], deadline: float | None) -> dict[str, StageRes | str]:
+        return self._exchange(
+            messages, deadline, lambda client, data: client.stage(StageIns.from_bytes(data)), StageRes
         )
 
     def _exchange(self, messages, deadline, handle, reply_type) -> dict[str, Any]:
@@ -285,7 +338,7 @@ class LoopbackTransport:
         return replies
 
 
-def decode_reply(reply_type: type[FitRes] | type[EvaluateRes], data: bytes) -> FitRes | EvaluateRes | str:
+def decode_reply(reply_type: type[WireMessage], data: bytes) -> WireMessage | str:
     """The decoded reply, or why it cannot be decoded."""
     try:
         return reply_type.from_bytes(data)

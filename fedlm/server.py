@@ -27,6 +27,7 @@ from fedlm.core.client_metrics import metric_distribution
 from fedlm.core.compression import codec_from_spec
 from fedlm.core.layout import ClientLayout, with_rank
 from fedlm.core.lora import fold_products, lora_aggregation_error, lora_pairs, svd_refactor
+from fedlm.core.privacy import DifferentialPrivacy
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
@@ -38,6 +39,8 @@ from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, mer
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
 from fedlm.privacy.accounting import RoundAccounting
+from fedlm.privacy.secure_aggregation import SecAggError
+from fedlm.privacy.secure_round import SecureAggregation, secure_fit
 from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
 from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 
@@ -149,6 +152,10 @@ class FedServer:
         self.lora_scalings = lora_scalings(model) if self.lora_pairs else {}
         self.lora_rank = max((pair.a_shape[0] for pair in self.lora_pairs), default=0)
         self.layouts = {} if self.distillation else self._client_layouts()
+        self._examples = {
+            client.name: len(client.data) if isinstance(client, FedClient) else client.num_examples
+            for client in clients
+        }
         self._eval_model: torch.nn.Module | None = None
 
     def upload_numel(self, name: str | None = None) -> int:
@@ -204,6 +211,8 @@ class FedServer:
         # aggregated round is charged, and fit() stops before a round would exceed max_epsilon
         self.privacy: RoundAccounting | None = None
         self.stop_reason: str | None = None
+        # secure aggregation's settings (fedlm.privacy.secure_round); None: clients send updates in the clear
+        self.secure_aggregation: SecureAggregation | None = None
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
@@ -281,14 +290,26 @@ class FedServer:
         self.history.append(record)
         return record
 
-    def _aggregate(self, updates: list[ClientUpdate], round_number: int) -> dict[str, Any]:
+    def _aggregate(
+        self, updates: list[ClientUpdate], round_number: int, secure_sum: tuple[torch.Tensor, float] | None = None
+    ) -> dict[str, Any]:
         """The strategy's step, then for LoRA adapters the configured re-factoring (`svd`, `stack`)
         and the aggregation error it leaves, then FedDF's ensemble distillation if configured (in
-        federated distillation: the student's training instead); returns the round's summary."""
+        federated distillation: the student's training instead); returns the round's summary.
+        Under secure aggregation the strategy gets the weighted sum of the updates instead
+        (`secure_sum`: the sum and its total weight; `updates` then carry metrics only)."""
         summary = _train_summary(updates)
         if self.distillation is not None:
             return {**summary, **self.distillation.aggregate(self, updates, round_number)}
         previous = self.global_params
+        if secure_sum is not None:
+            total, weight = secure_sum
+            examples = sum(update.num_examples for update in updates)
+            if isinstance(self.strategy, DifferentialPrivacy):
+                self.global_params = self.strategy.aggregate_sum(previous, total, examples)
+            else:
+                self.global_params = self.strategy.aggregate(previous, [ClientUpdate(total / weight, examples)])
+            return summary
         self.global_params = self.strategy.aggregate(previous, updates)
         if self.lora_pairs:
             if self.lora_aggregation == "svd":
@@ -464,16 +485,21 @@ class FedServer:
         messages = self._fit_messages(names, round_number, local_epochs)
         updates: list[ClientUpdate] = []
         dropped: list[dict[str, str]] = []
-        for name, reply in self.transport.fit(messages, self._deadline()).items():
-            if isinstance(reply, str):
-                self._drop(round_number, name, reply, dropped)
-            else:
-                self._accept(name, reply, updates, dropped)
-        record: dict[str, Any] = {"round": round_number, "clients": len(updates), "dropped": dropped}
+        record: dict[str, Any] = {"round": round_number}
+        secure_sum = None
+        if self.secure_aggregation is not None:  # the server gets only the sum of the updates
+            secure_sum = self._secure_train(messages, round_number, updates, dropped, record)
+        else:
+            for name, reply in self.transport.fit(messages, self._deadline()).items():
+                if isinstance(reply, str):
+                    self._drop(round_number, name, reply, dropped)
+                else:
+                    self._accept(name, reply, updates, dropped)
+        record.update({"clients": len(updates), "dropped": dropped})
 
         # 4. aggregate, or skip the round when too few clients remain
-        if len(updates) >= self.min_clients:
-            record.update(self._aggregate(updates, round_number))
+        if len(updates) >= self.min_clients and (self.secure_aggregation is None or secure_sum is not None):
+            record.update(self._aggregate(updates, round_number, secure_sum))
             if self.privacy is not None:  # a released aggregate: the round costs privacy
                 record.update(self.privacy.spend_round())
                 record.update({f"dp_{key}": value for key, value in getattr(self.strategy, "last_round", {}).items()})
@@ -521,6 +547,32 @@ class FedServer:
         }
         total = moved.pop(None, {"down": 0, "up": 0})
         return {"bytes_down": total["down"], "bytes_up": total["up"], "client_bytes": moved}
+
+    def _secure_train(
+        self,
+        messages: dict[str, FitIns],
+        round_number: int,
+        updates: list[ClientUpdate],
+        dropped: list[dict[str, str]],
+        record: dict[str, Any],
+    ) -> tuple[torch.Tensor, float] | None:
+        """Train under secure aggregation; `updates` get the finished clients' metrics (no
+        vectors: the server never sees one). Returns the weighted sum and its total weight, or
+        None when the sum cannot be recovered (the round is then skipped)."""
+        private = isinstance(self.strategy, DifferentialPrivacy)  # every client counts once
+        examples = {name: self._examples[name] for name in messages}
+        weights = {name: 1.0 if private else count / sum(examples.values()) for name, count in examples.items()}
+        try:
+            total, replies, failed, summary = secure_fit(self, messages, weights)
+        except SecAggError as error:
+            logger.warning("round %d: secure aggregation failed: %s; global model unchanged", round_number, error)
+            record["secure_aggregation"] = {"error": str(error)}
+            return None
+        for name, reason in failed.items():
+            self._drop(round_number, name, reason, dropped)
+        updates.extend(ClientUpdate(torch.zeros(0), reply.num_examples, reply.metrics) for reply in replies.values())
+        record["secure_aggregation"] = summary
+        return total, sum(weights[name] for name in replies)
 
     def _drop(self, round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
         logger.warning("round %d: client %s dropped: %s", round_number, self.transport.describe(name), reason)

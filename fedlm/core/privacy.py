@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
 
@@ -125,7 +126,7 @@ class DifferentialPrivacy(Strategy):
 
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         self.rounds += 1
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rounds)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "dp noise", self.rounds))
         total = torch.zeros_like(global_params, dtype=torch.float64)
         unclipped = 0
         for update in updates:
@@ -140,6 +141,16 @@ class DifferentialPrivacy(Strategy):
             self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
         examples = sum(update.num_examples for update in updates)
         return self.strategy.aggregate(global_params, [ClientUpdate(average, examples)])
+
+    def aggregate_sum(self, global_params: torch.Tensor, total: torch.Tensor, num_examples: int) -> torch.Tensor:
+        """The step when secure aggregation hands over only the sum of the clients' updates,
+        which the clients clipped and noised themselves (`noise="clients"`)."""
+        if self.noise != "clients":
+            raise ValueError("with secure aggregation the server never sees an update: noise must be 'clients'")
+        self.rounds += 1
+        self.last_round = {"clip_norm": self.clip_norm}
+        average = (total.double() / self.expected_clients).to(global_params.dtype)
+        return self.strategy.aggregate(global_params, [ClientUpdate(average, num_examples)])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         own = {

@@ -34,6 +34,7 @@ from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
 from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
+from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.runtime.federated_data import load_public_data, prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
 from fedlm.server import FedServer
@@ -224,5 +225,7 @@ def build_simulation(config: RunConfig) -> Federation:
     )
     configure_codecs(server, config)
     server.privacy = accounting
+    if config.secure_aggregation is not None:
+        server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

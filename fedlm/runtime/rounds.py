@@ -73,8 +73,15 @@ def run_federation(
                 clients_per_evaluation=settings.clients_per_evaluation,
                 on_round_end=record_round,
             )
+        if server.stop_reason is not None:  # e.g. the privacy budget: keep where it stopped
+            save_checkpoint(server, checkpoint, records, config_data)
     server.save(output / "model")
-    (output / "summary.json").write_text(json.dumps(run_summary(records), indent=2))
+    summary = run_summary(records)
+    if server.privacy is not None or server.secure_aggregation is not None:
+        summary["privacy"] = privacy_report(server, config)
+    if server.stop_reason is not None:
+        summary["stopped"] = server.stop_reason
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
     return [record for record in records if record["round"] > 0]
 
 
@@ -98,6 +105,38 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def privacy_report(server: FedServer, config: RunConfig) -> dict[str, Any]:
+    """What the run protected beyond keeping text on the clients, and what the server could see."""
+    secure = config.secure_aggregation is not None
+    report: dict[str, Any] = {"secure_aggregation": secure, "differential_privacy": server.privacy is not None}
+    if secure:
+        report["server_sees"] = "only the sum of the updates of the clients that finished each round (SecAgg+)"
+    else:
+        report["server_sees"] = "every client's update"
+    if server.privacy is None:
+        return report
+    settings, accounting = config.dp, server.privacy
+    report.update(
+        {
+            "level": "client: each client's whole update in a round is clipped and noised (DP-FedAvg)",
+            "epsilon": accounting.accountant.epsilon(accounting.delta),
+            "delta": accounting.delta,
+            "accountant": accounting.accountant.kind,
+            "noise_multiplier": accounting.noise_multiplier,
+            "sampling_rate": accounting.sampling_rate,
+            "rounds_accounted": sum(int(step[2]) for step in accounting.accountant.steps),
+            "clip_norm": {"initial": settings.clip_norm, "final": server.strategy.clip_norm},
+            "adaptive_clipping": settings.adaptive is not None,
+            "noise_added_by": "the server" if settings.noise == "server" else "the clients, each its share",
+        }
+    )
+    if settings.noise == "server":
+        report["server_sees"] += " before clipping and noise: the server is trusted; the released model is private"
+    elif not secure:
+        report["server_sees"] += ", clipped and with its share of the noise; the sum carries the full noise"
+    return report
+
+
 def megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
@@ -117,6 +156,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         parts.append(f"{record['seconds']:.1f} s")
     if "bytes_up" in record:
         parts.append(f"up {megabytes(record['bytes_up'])}  down {megabytes(record['bytes_down'])}")
+    if "epsilon" in record:
+        parts.append(f"epsilon {record['epsilon']:.3f} (delta {record['delta']:g})")
     if record.get("dropped"):
         parts.append(f"dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)")
     if record.get("skipped"):

@@ -68,3 +68,14 @@ def test_state_round_trips_with_the_inner_strategy():
     resumed.load_state_dict(private.state_dict())
     assert resumed.clip_norm == private.clip_norm != 1.0
     assert torch.equal(resumed.aggregate(torch.zeros(5), updates), private.aggregate(torch.zeros(5), updates))
+
+
+def test_a_client_clips_and_adds_its_noise_share_from_unpredictable_randomness():
+    from fedlm.client import FedClient
+
+    delta = torch.full((100_000,), 0.01)  # norm 3.16, clipped to 1
+    first, second = FedClient._privatize(delta, 1.0, 0.2), FedClient._privatize(delta, 1.0, 0.2)
+    clipped = delta / float(delta.norm())
+    assert float((first - clipped).std()) == pytest.approx(0.2, rel=0.02)
+    assert float((first - clipped).mean()) == pytest.approx(0.0, abs=0.005)
+    assert not torch.equal(first, second)  # not from a seed the server could know

@@ -1,0 +1,91 @@
+"""Rounds under secure aggregation: the same model as plain FedAvg, dropouts, and what the server saw."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlm.config import parse_config
+from fedlm.errors import ConfigError
+from fedlm.runtime import build_simulation
+
+
+def simulation(config_data_factory, secure: bool, **sections):
+    data = config_data_factory(num_clients=4, rounds=2, **sections)
+    if secure:
+        data["secure_aggregation"] = {"clip_range": 1.0}
+    return build_simulation(parse_config(data))
+
+
+def fail_in_round(server, names: set[str], round_number: int) -> None:
+    """Make the named clients raise during training in `round_number`."""
+    for client in server.clients:
+        if client.name in names:
+            honest = client.fit
+
+            def fit(ins, honest=honest, name=client.name):
+                if ins.config["round"] == round_number:
+                    raise RuntimeError(f"{name} lost power")
+                return honest(ins)
+
+            client.fit = fit
+
+
+def test_secure_rounds_give_plain_fedavgs_model_and_the_server_sees_only_masked_vectors(config_data_factory):
+    plain = simulation(config_data_factory, secure=False).server
+    start = plain.global_params.clone()
+    plain.fit(rounds=2)
+    secure = simulation(config_data_factory, secure=True).server
+    seen = []
+    fit = secure.transport.fit
+    secure.transport.fit = lambda messages, deadline: seen.append(fit(messages, deadline)) or seen[-1]
+    history = secure.fit(rounds=2)
+    assert all(record["secure_aggregation"]["finished"] == 4 for record in history)
+    replies = [reply for round_replies in seen for reply in round_replies.values()]
+    assert len(replies) == 8 and all(reply.delta.dtype == torch.int64 for reply in replies)  # ring elements only
+    # quantization to 2^30 levels over [-1, 1] and float32 sums: far below the updates' size
+    assert (secure.global_params - plain.global_params).abs().max() < 1e-5
+    assert (plain.global_params - start).abs().max() > 1e-3  # while the model itself moved
+
+
+def test_a_client_lost_after_sharing_its_keys_is_dropped_and_the_rest_are_summed(config_data_factory):
+    plain = simulation(config_data_factory, secure=False).server
+    secure = simulation(config_data_factory, secure=True).server
+    for server in (plain, secure):
+        fail_in_round(server, {"client-2"}, 1)
+    plain.fit(rounds=1)
+    record = secure.fit(rounds=1)[0]
+    assert record["clients"] == 3 and record["dropped"][0]["client"] == "client-2"
+    assert "lost power" in record["dropped"][0]["reason"]
+    assert (secure.global_params - plain.global_params).abs().max() < 1e-5
+
+
+def test_too_many_lost_clients_skip_the_round_and_keep_the_model(config_data_factory):
+    secure = simulation(config_data_factory, secure=True).server
+    fail_in_round(secure, {"client-0", "client-1", "client-2"}, 1)
+    before = secure.global_params.clone()
+    record = secure.fit(rounds=1)[0]
+    assert "cannot unmask" in record["secure_aggregation"]["error"]
+    assert torch.equal(secure.global_params, before)
+
+
+def test_secure_aggregation_composes_with_client_side_dp(config_data_factory):
+    dp = {"noise_multiplier": 1.0, "clip_norm": 0.5, "noise": "clients"}
+    history = simulation(config_data_factory, secure=True, dp=dp).server.fit(rounds=2)
+    assert history[-1]["epsilon"] > history[0]["epsilon"] > 0
+    assert all(record["secure_aggregation"]["finished"] == 4 for record in history)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"strategy": {"kind": "scaffold"}}, r"\['strategy scaffold'\] need each one"),
+        ({"dp": {"noise_multiplier": 1.0}}, "dp.noise: clients"),
+        ({"communication": {"upload": {"kind": "int8"}}}, r"\['communication.upload'\] need each one"),
+    ],
+)
+def test_settings_that_need_individual_updates_are_refused(config_data_factory, sections, message):
+    data = config_data_factory(num_clients=4, rounds=1, **sections)
+    data["secure_aggregation"] = {}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)

@@ -1,0 +1,37 @@
+"""Homomorphic aggregation: the server adds what it cannot read; a key holder reads the sum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlm.privacy.homomorphic import HomomorphicKeys, add_encrypted
+
+
+@pytest.fixture(scope="module")
+def keys() -> HomomorphicKeys:
+    return HomomorphicKeys()
+
+
+def test_the_sum_of_ciphertexts_decrypts_to_the_plain_sum(keys):
+    generator = torch.Generator().manual_seed(0)
+    updates = [0.1 * torch.randn(10_000, generator=generator) for _ in range(3)]  # 3 ciphertexts each
+    encrypted = [keys.encrypt(update) for update in updates]
+    assert all(len(chunks) == 3 for chunks in encrypted)
+    total = keys.decrypt(add_encrypted(keys.public_context(), encrypted), 10_000)
+    assert torch.allclose(total, sum(updates), atol=1e-5)
+
+
+def test_the_server_context_cannot_decrypt(keys):
+    import tenseal as ts
+
+    public = ts.context_from(keys.public_context())
+    summed = add_encrypted(keys.public_context(), [keys.encrypt(torch.ones(8))] * 2)
+    with pytest.raises(ValueError, match="secret_key"):
+        ts.ckks_vector_from(public, summed[0]).decrypt()
+    assert torch.allclose(keys.decrypt(summed, 8), torch.full((8,), 2.0), atol=1e-5)
+
+
+def test_clients_must_send_matching_ciphertexts(keys):
+    with pytest.raises(ValueError, match="same number of ciphertexts"):
+        add_encrypted(keys.public_context(), [keys.encrypt(torch.ones(8)), keys.encrypt(torch.ones(5000))])
