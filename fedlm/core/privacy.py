@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fedlm.core.aggregate import weighted_sum
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate
@@ -36,7 +37,7 @@ NOISE_PLACEMENTS = ("server", "clients")
 
 def clip_delta(delta: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
     """`delta` scaled by min(1, C / ||delta||_2), and its norm before clipping."""
-    norm = float(delta.double().norm())
+    norm = float(delta.norm())
     if norm <= clip_norm:
         return delta, norm
     return delta * (clip_norm / norm), norm
@@ -127,15 +128,13 @@ class DifferentialPrivacy(Strategy):
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         self.rounds += 1
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "dp noise", self.rounds))
-        total = torch.zeros_like(global_params, dtype=torch.float64)
-        unclipped = 0
-        for update in updates:
-            clipped, norm = clip_delta(update.delta, self.clip_norm)
-            unclipped += norm <= self.clip_norm
-            total += clipped.double()
+        norms = [float(update.delta.norm()) for update in updates]
+        unclipped = sum(norm <= self.clip_norm for norm in norms)
+        scales = [min(1.0, self.clip_norm / norm) if norm > 0 else 1.0 for norm in norms]
+        total = weighted_sum([update.delta for update in updates], scales)  # the sum of the clipped deltas
         if self.noise == "server" and self.noise_std > 0:
-            total += self.noise_std * torch.randn(total.shape, generator=generator, dtype=torch.float64)
-        average = (total / self.expected_clients).to(global_params.dtype)
+            total.add_(torch.randn(total.shape, generator=generator, dtype=total.dtype), alpha=self.noise_std)
+        average = total.div_(self.expected_clients)
         self.last_round = {"clip_norm": self.clip_norm, "unclipped_fraction": unclipped / len(updates)}
         if self.adaptive is not None:
             self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
