@@ -22,7 +22,8 @@ from fedlm.errors import ConfigError
 from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
-from fedlm.privacy.secure_aggregation import SecAggClient, SecAggSettings, neighbourhoods
+from fedlm.privacy.secure_aggregation import SecAggClient
+from fedlm.privacy.secure_round import answer_stage
 from fedlm.protocol import (
     Compressed,
     EvaluateIns,
@@ -32,7 +33,6 @@ from fedlm.protocol import (
     StageIns,
     StageRes,
     as_bytes,
-    from_bytes,
 )
 from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
 from fedlm.tasks.distillation import distil, predict_logits
@@ -226,28 +226,9 @@ class FedClient:
 
     def stage(self, ins: StageIns) -> StageRes:
         """Secure aggregation's exchanges around `fit`: public keys, encrypted key shares, and
-        the shares that let the server unmask the sum (`fedlm.privacy.secure_aggregation`)."""
-        config = ins.config
-        if ins.stage == "secagg_keys":
-            settings = SecAggSettings(config["num_clients"], config["threshold"], config["num_neighbours"],
-                                      config["clip_range"], config["graph_seed"])  # fmt: skip
-            own = config["index"]
-            self._secure_aggregation = SecAggClient(own, settings, neighbourhoods(settings)[own])
-            channel, mask = self._secure_aggregation.public_keys()
-            return StageRes({}, {"channel": from_bytes(channel), "mask": from_bytes(mask)})
-        if self._secure_aggregation is None:
-            raise ConfigError(f"client {self.name}: secure aggregation stage {ins.stage!r} before its keys")
-        if ins.stage == "secagg_shares":
-            keys = {}
-            for key, value in ins.tensors.items():
-                part, other = key.split(".")
-                keys.setdefault(int(other), {})[part] = as_bytes(value)
-            sealed = self._secure_aggregation.share_keys({v: (k["channel"], k["mask"]) for v, k in keys.items()})
-            return StageRes({}, {f"to.{v}": from_bytes(ciphertext) for v, ciphertext in sealed.items()})
-        if ins.stage == "secagg_reveal":
-            shares = self._secure_aggregation.reveal(set(config["survivors"]), set(config["dropped"]))
-            return StageRes({part: {str(k): str(v) for k, v in values.items()} for part, values in shares.items()})
-        raise ConfigError(f"client {self.name}: unknown stage {ins.stage!r}")
+        the shares that let the server unmask the sum (`fedlm.privacy.secure_round`)."""
+        self._secure_aggregation, reply = answer_stage(self._secure_aggregation, ins, f"client {self.name}")
+        return reply
 
     @staticmethod
     def _privatize(delta: torch.Tensor, clip_norm: float, noise_std: float) -> torch.Tensor:

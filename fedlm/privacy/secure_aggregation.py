@@ -22,6 +22,7 @@ never a wrong sum.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -232,6 +233,32 @@ class SecAggClient:
             "self_seed": {u: self._held[u][0] for u in survivors if u in self._held},
             "mask_key": {u: self._held[u][1] for u in dropped if u in self._held},
         }
+
+    def to_json(self) -> str:
+        """Its secrets and what it received, for a runtime that keeps a client's state between
+        messages on its own node (Flower's node state); never for sending anywhere."""
+        raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        settings = self.settings
+        return json.dumps({
+            "index": self.index, "neighbours": self.neighbours,
+            "settings": [settings.num_clients, settings.threshold, settings.num_neighbours, settings.clip_range,
+                         settings.graph_seed],
+            "channel_key": self._channel_key.private_bytes(*raw).hex(), "mask_key": self._mask_key.private_bytes(*raw).hex(),
+            "self_seed": self._self_seed.hex(),
+            "keys": {str(v): [channel.hex(), mask.hex()] for v, (channel, mask) in self._keys.items()},
+            "held": {str(v): [str(b), str(k)] for v, (b, k) in self._held.items()},
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> SecAggClient:
+        state = json.loads(text)
+        client = cls(state["index"], SecAggSettings(*state["settings"]), state["neighbours"])
+        client._channel_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["channel_key"]))
+        client._mask_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["mask_key"]))
+        client._self_seed = bytes.fromhex(state["self_seed"])
+        client._keys = {int(v): (bytes.fromhex(c), bytes.fromhex(m)) for v, (c, m) in state["keys"].items()}
+        client._held = {int(v): (int(b), int(k)) for v, (b, k) in state["held"].items()}
+        return client
 
     def _channel(self, other: int) -> AESGCM:
         shared = self._channel_key.exchange(X25519PublicKey.from_public_bytes(self._keys[other][0]))

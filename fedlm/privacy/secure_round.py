@@ -19,8 +19,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlm.core.seeding import derive_seed
-from fedlm.privacy.secure_aggregation import RING_BITS, SecAggServer, SecAggSettings
-from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes
+from fedlm.errors import ConfigError
+from fedlm.privacy.secure_aggregation import (
+    RING_BITS,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+    SecAggSettings,
+    neighbourhoods,
+)
+from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes, from_bytes
 
 if TYPE_CHECKING:
     from fedlm.server import FedServer
@@ -112,7 +120,11 @@ def secure_fit(
     })  # fmt: skip
     opened = {index[n]: {part: {int(k): int(v) for k, v in reply.meta[part].items()} for part in ("self_seed", "mask_key")}
               for n, reply in revealed.items()}  # fmt: skip
-    total = secagg.unmask(masked, opened, {index[n] for n in shares})
+    try:
+        total = secagg.unmask(masked, opened, {index[n] for n in shares})
+    except SecAggError as error:  # say who went away and why
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in dropped.items())
+        raise SecAggError(f"{error}{f' (dropped: {reasons})' if reasons else ''}") from None
     summary = {"clients": len(names), "finished": len(finished), "neighbours": settings.num_neighbours,
                "threshold": settings.threshold}  # fmt: skip
     return total, replies, {n: r for n, r in dropped.items() if n not in finished}, summary
@@ -125,3 +137,29 @@ def _masked_problem(reply: FitRes, numel: int) -> str | None:
     if int(vector.min()) < 0 or int(vector.max()) >= 2**RING_BITS:
         return "masked update has values outside the ring"
     return None
+
+
+def answer_stage(secagg: SecAggClient | None, ins: StageIns, owner: str) -> tuple[SecAggClient, StageRes]:
+    """A client's answer to one exchange: its fresh public keys (`secagg_keys`, which starts a
+    new `SecAggClient`), its encrypted key shares (`secagg_shares`), or the shares that unmask
+    the sum (`secagg_reveal`). Returns the client's secrets for the next exchange and the reply."""
+    config = ins.config
+    if ins.stage == "secagg_keys":
+        settings = SecAggSettings(config["num_clients"], config["threshold"], config["num_neighbours"],
+                                  config["clip_range"], config["graph_seed"])  # fmt: skip
+        secagg = SecAggClient(config["index"], settings, neighbourhoods(settings)[config["index"]])
+        channel, mask = secagg.public_keys()
+        return secagg, StageRes({}, {"channel": from_bytes(channel), "mask": from_bytes(mask)})
+    if secagg is None:
+        raise ConfigError(f"{owner}: secure aggregation stage {ins.stage!r} before its keys")
+    if ins.stage == "secagg_shares":
+        keys: dict[int, dict[str, bytes]] = {}
+        for key, value in ins.tensors.items():
+            part, other = key.split(".")
+            keys.setdefault(int(other), {})[part] = as_bytes(value)
+        sealed = secagg.share_keys({v: (k["channel"], k["mask"]) for v, k in keys.items()})
+        return secagg, StageRes({}, {f"to.{v}": from_bytes(ciphertext) for v, ciphertext in sealed.items()})
+    if ins.stage == "secagg_reveal":
+        shares = secagg.reveal(set(config["survivors"]), set(config["dropped"]))
+        return secagg, StageRes({part: {str(k): str(v) for k, v in values.items()} for part, values in shares.items()})
+    raise ConfigError(f"{owner}: unknown stage {ins.stage!r}")

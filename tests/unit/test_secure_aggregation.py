@@ -91,3 +91,18 @@ def test_a_client_will_not_reveal_both_secrets_of_one_client():
 def test_impossible_settings_are_refused(options, message):
     with pytest.raises(SecAggError, match=message):
         SecAggSettings(**options)
+
+
+def test_a_clients_secrets_survive_being_kept_between_messages():
+    """A Flower node keeps the client's state as text between the exchanges: a client rebuilt
+    from it masks exactly as the original would (same keys, seeds and received shares)."""
+    settings = SecAggSettings(num_clients=3, threshold=2, num_neighbours=2)
+    clients = [SecAggClient(i, settings, neighbourhoods(settings)[i]) for i in range(3)]
+    keys = {i: c.public_keys() for i, c in enumerate(clients)}
+    outbox = {i: c.share_keys({v: keys[v] for v in c.neighbours}) for i, c in enumerate(clients)}
+    inbox = {s: sent[0] for s, sent in outbox.items() if 0 in sent}
+    rebuilt = SecAggClient.from_json(clients[0].to_json())
+    assert rebuilt.public_keys() == keys[0]
+    update = torch.full((1000,), -1.0)  # -clip_range quantizes to exactly 0: the masks must agree
+    assert torch.equal(rebuilt.masked_input(update, inbox), clients[0].masked_input(update, inbox))
+    assert SecAggClient.from_json(rebuilt.to_json()).reveal({1}, set()) == clients[0].reveal({1}, set())

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlm.client import FedClient, TrainingOptions
@@ -37,7 +37,9 @@ from fedlm.data.federated import ClientData
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
-from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, WireMessage
+from fedlm.privacy.secure_aggregation import SecAggClient
+from fedlm.privacy.secure_round import answer_stage
+from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, StageIns, WireMessage
 from fedlm.runtime.federated_data import load_public_data, split_client
 from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
@@ -45,6 +47,7 @@ from fedlm.runtime.local import build_model
 
 NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank")
 STATE = "fedlm.client_state"
+SECAGG_STATE = "fedlm.secure_aggregation"
 
 app = ClientApp()
 
@@ -55,18 +58,38 @@ def query(message: Message, context: Context) -> Message:
     return _answer(message, context, lambda node, _: node.info())
 
 
+@app.query("stage")
+def stage(message: Message, context: Context) -> Message:
+    """Secure aggregation's exchanges; the client's secrets stay in this node's state between them."""
+
+    def work(node: Node, content: RecordDict) -> WireMessage:
+        secagg, reply = answer_stage(_secure_aggregation(context), from_record(content, StageIns), node.data.name)
+        context.state[SECAGG_STATE] = ConfigRecord({"client": secagg.to_json()})
+        return reply
+
+    return _answer(message, context, work)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, FitIns)
         client = _restored_client(node, ins.config["labels"], context)
+        client._secure_aggregation = _secure_aggregation(context)
         result = client.fit(ins)
         kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
         if kept:
             context.state[STATE] = ArrayRecord({key: Array(value.numpy()) for key, value in kept.items()})
+        if client._secure_aggregation is not None:  # it now holds its neighbours' shares
+            context.state[SECAGG_STATE] = ConfigRecord({"client": client._secure_aggregation.to_json()})
         return result
 
     return _answer(message, context, work)
+
+
+def _secure_aggregation(context: Context) -> SecAggClient | None:
+    record = context.state.config_records.get(SECAGG_STATE)
+    return None if record is None else SecAggClient.from_json(str(record["client"]))
 
 
 @app.evaluate()

@@ -22,7 +22,7 @@ from fedlm.protocol import WireMessage
 ARRAYS = "fedlm.arrays"
 HEADER = "fedlm.header"
 ERROR_KIND = "error"
-ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "int8", "int16")
+ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "int8", "int16", "uint8")  # uint8: byte strings
 BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such tensors travel as their int16 bit patterns
 
 M = TypeVar("M", bound=WireMessage)

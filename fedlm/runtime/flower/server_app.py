@@ -27,6 +27,7 @@ from fedlm.data.labels import LabelMap
 from fedlm.distillation import FederatedDistillation
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.models import load_tokenizer
+from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
@@ -123,11 +124,6 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
             "no data.validation_file: the global model is evaluated on the clients' test splits only "
             "(data.validation_fraction applies to a simulation's pooled data, which a deployment does not have)"
         )
-    if config.secure_aggregation is not None:
-        raise ConfigError(
-            "secure_aggregation runs in the in-process runtime for now; its four message exchanges are not "
-            "yet carried over Flower"
-        )
     node_ids = wait_for_nodes(grid, expected_clients(config), config.deployment.node_wait_timeout)
     infos, failures = query_clients(grid, node_ids, time.monotonic() + config.deployment.node_wait_timeout)
     for failure in failures:
@@ -182,6 +178,8 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     transport.max_reply_bytes = 3 * 4 * server.upload_numel() + (1 << 20)
     configure_codecs(server, config)
     server.privacy = accounting
+    if config.secure_aggregation is not None:
+        server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
     validation = None
     if config.data.validation_file is not None:
         validation = server.encode_dataset(

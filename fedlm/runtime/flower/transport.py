@@ -17,12 +17,23 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedlm.errors import WireError
-from fedlm.protocol import ByteCounter, ClientInfo, EvaluateIns, EvaluateRes, FitIns, FitRes
+from fedlm.protocol import (
+    ByteCounter,
+    ClientInfo,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    StageIns,
+    StageRes,
+    WireMessage,
+)
 from fedlm.runtime.flower.records import from_record, record_size, to_record
 
 logger = logging.getLogger("fedlm")
 
 POLL_SECONDS = 0.2
+STAGE_MESSAGE = "query.stage"  # the ClientApp's handler for multi-message protocols (secure aggregation)
 
 
 class FlowerTransport:
@@ -48,19 +59,20 @@ class FlowerTransport:
     def evaluate(self, messages: Mapping[str, EvaluateIns], deadline: float | None) -> dict[str, EvaluateRes | str]:
         return self._exchange("evaluate", messages, EvaluateRes, deadline)
 
+    def stage(self, messages: Mapping[str, StageIns], deadline: float | None) -> dict[str, StageRes | str]:
+        return self._exchange(STAGE_MESSAGE, messages, StageRes, deadline)
+
     def _exchange(
         self,
         message_type: str,
-        messages: Mapping[str, FitIns | EvaluateIns],
-        reply_type: type[FitRes] | type[EvaluateRes],
+        messages: Mapping[str, WireMessage],
+        reply_type: type[WireMessage],
         deadline: float | None,
     ) -> dict[str, Any]:
         records: dict[int, RecordDict] = {}  # one record per distinct message
         for ins in messages.values():
             if id(ins) not in records:
-                records[id(ins)] = to_record(
-                    type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
-                )
+                records[id(ins)] = to_record(self._labelled(ins))
         by_name = {name: records[id(ins)] for name, ins in messages.items()}
         group = str(next(iter(messages.values())).config.get("round", "")) if messages else ""
         replies, pending = exchange(self.grid, message_type, by_name, self.node_ids, deadline, group)
@@ -85,6 +97,12 @@ class FlowerTransport:
             except WireError as error:
                 answers[name] = str(error)
         return answers
+
+    def _labelled(self, ins: WireMessage) -> WireMessage:
+        """Instructions carry the federation's label map, so that nodes encode labels as the server does."""
+        if isinstance(ins, FitIns | EvaluateIns):
+            return type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
+        return ins
 
 
 def exchange(
