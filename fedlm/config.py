@@ -423,8 +423,13 @@ class RunConfig(Section):
         if isinstance(self.algorithm, DistillationConfig) and self.peft is not None:
             raise ValueError("algorithm distillation trains whole client models; remove peft (adapters are averaged)")
         if self.dp is not None:
-            if isinstance(self.algorithm, DistillationConfig):
-                raise ValueError("dp protects weight updates; it does not yet cover distillation's logits")
+            if isinstance(self.algorithm, DistillationConfig) and self.algorithm.client_output != "probabilities":
+                raise ValueError(
+                    "dp with distillation clips and noises the clients' probabilities: set algorithm.client_output: "
+                    "probabilities (logits are unbounded)"
+                )
+            if isinstance(self.algorithm, EnsembleDistillationConfig):
+                raise ValueError("dp with ensemble_distillation: the server distils from the clients' raw models")
             if self.strategy.robust is not None or self.strategy.kind == "scaffold":
                 raise ValueError(
                     "dp sends the strategy one noisy average per round: robust aggregation and scaffold's control "

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlm.core.distillation import SOFT_LABEL_WEIGHTINGS, aggregate_soft_labels, fingerprint, soften
+from fedlm.core.privacy import DifferentialPrivacy
 from fedlm.core.seeding import derive_seed
 from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import TextDataset, load_public_set
@@ -162,11 +163,18 @@ class FederatedDistillation:
         """Soft labels from the clients' outputs, then the student trained on them; the student's
         parameters become the global parameters. Returns the round's distillation metrics."""
         num_labels = server.label_map.num_labels
-        outputs = [update.delta.view(-1, num_labels) for update in updates]
-        if self.client_output == "logits":
-            outputs = [soften(output, self.settings.temperature) for output in outputs]
-        counts = [update.num_examples for update in updates]
-        self.soft_labels = aggregate_soft_labels(outputs, counts, self.settings.weighting)
+        if isinstance(server.strategy, DifferentialPrivacy):
+            # clipped, noised, equally weighted probabilities, as for weight updates; accounted alike
+            noisy = server.strategy.private_mean([update.delta for update in updates]).view(-1, num_labels)
+            clean = noisy.double().clamp_min(0)
+            clean[clean.sum(dim=-1) == 0] = 1.0  # noise took every class below 0: no information, uniform
+            self.soft_labels = clean / clean.sum(dim=-1, keepdim=True)
+        else:
+            outputs = [update.delta.view(-1, num_labels) for update in updates]
+            if self.client_output == "logits":
+                outputs = [soften(output, self.settings.temperature) for output in outputs]
+            counts = [update.num_examples for update in updates]
+            self.soft_labels = aggregate_soft_labels(outputs, counts, self.settings.weighting)
         if self._encoded is None:
             self._encoded = self.public.encode(server, self.settings.hard_label_weight > 0)
         student = server._global_model()

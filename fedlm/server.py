@@ -235,8 +235,10 @@ class FedServer:
     ) -> dict[str, FitIns]:
         """Each named client's instructions for the round; `compress` applies the download codec
         (only to messages that travel: `broadcast_model` hands clients the exact parameters)."""
-        if self.distillation is not None:
-            message = self.distillation.fit_message({"round": round_number, "epochs": local_epochs, "seed": self.seed})
+        if self.distillation is not None:  # plus DP's clipping and noise shares, when clients add them
+            config, _ = self.strategy.configure_fit(self.global_params)
+            base = {"round": round_number, "epochs": local_epochs, "seed": self.seed, **config}
+            message = self.distillation.fit_message(base)
             if self.upload_codec is not None:
                 message.config["upload_codec"] = self.upload_codec
             return dict.fromkeys(names, message)

@@ -126,20 +126,25 @@ class DifferentialPrivacy(Strategy):
         return config, tensors
 
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
-        self.rounds += 1
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "dp noise", self.rounds))
-        norms = [float(update.delta.norm()) for update in updates]
-        unclipped = sum(norm <= self.clip_norm for norm in norms)
-        scales = [min(1.0, self.clip_norm / norm) if norm > 0 else 1.0 for norm in norms]
-        total = weighted_sum([update.delta for update in updates], scales)  # the sum of the clipped deltas
-        if self.noise == "server" and self.noise_std > 0:
-            total.add_(torch.randn(total.shape, generator=generator, dtype=total.dtype), alpha=self.noise_std)
-        average = total.div_(self.expected_clients)
-        self.last_round = {"clip_norm": self.clip_norm, "unclipped_fraction": unclipped / len(updates)}
-        if self.adaptive is not None:
-            self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
+        average = self.private_mean([update.delta for update in updates])
         examples = sum(update.num_examples for update in updates)
         return self.strategy.aggregate(global_params, [ClientUpdate(average, examples)])
+
+    def private_mean(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """(sum of the clipped vectors + the server's noise) / expected clients; also what
+        federated distillation privatizes the clients' probabilities with."""
+        self.rounds += 1
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "dp noise", self.rounds))
+        norms = [float(vector.norm()) for vector in vectors]
+        unclipped = sum(norm <= self.clip_norm for norm in norms)
+        scales = [min(1.0, self.clip_norm / norm) if norm > 0 else 1.0 for norm in norms]
+        total = weighted_sum(vectors, scales)  # the sum of the clipped vectors
+        if self.noise == "server" and self.noise_std > 0:
+            total.add_(torch.randn(total.shape, generator=generator, dtype=total.dtype), alpha=self.noise_std)
+        self.last_round = {"clip_norm": self.clip_norm, "unclipped_fraction": unclipped / len(vectors)}
+        if self.adaptive is not None:
+            self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
+        return total.div_(self.expected_clients)
 
     def aggregate_sum(self, global_params: torch.Tensor, total: torch.Tensor, num_examples: int) -> torch.Tensor:
         """The step when secure aggregation hands over only the sum of the clients' updates,

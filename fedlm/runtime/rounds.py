@@ -118,7 +118,11 @@ def privacy_report(server: FedServer, config: RunConfig) -> dict[str, Any]:
     settings, accounting = config.dp, server.privacy
     report.update(
         {
-            "level": "client: each client's whole update in a round is clipped and noised (DP-FedAvg)",
+            "level": (
+                "client: each client's probabilities on the public set in a round are clipped and noised"
+                if server.distillation is not None
+                else "client: each client's whole update in a round is clipped and noised (DP-FedAvg)"
+            ),
             "epsilon": accounting.accountant.epsilon(accounting.delta),
             "delta": accounting.delta,
             "accountant": accounting.accountant.kind,

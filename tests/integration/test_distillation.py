@@ -188,3 +188,19 @@ def test_a_resumed_distillation_run_equals_an_uninterrupted_one(config_data_fact
     whole_metrics, parts_metrics = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "parts")
     assert [r.get("val_accuracy") for r in whole_metrics] == [r.get("val_accuracy") for r in parts_metrics]
     assert whole_metrics[-1]["student_loss"] == parts_metrics[-1]["student_loss"]
+
+
+def test_clients_probabilities_can_be_clipped_noised_and_accounted(config_data_factory, folders):
+    algorithm = {
+        "kind": "distillation", "learning_rate": 1e-2, "epochs": 1, "client_output": "probabilities",
+        "public_data": {"held_out": 0.25},
+    }  # fmt: skip
+    dp = {"noise_multiplier": 1.0, "clip_norm": 5.0}
+    data = config_data_factory(num_clients=3, rounds=2, algorithm=algorithm, dp=dp)
+    server = build_simulation(parse_config(data)).server
+    history = server.fit(rounds=2)
+    assert history[1]["epsilon"] > history[0]["epsilon"] > 0
+    soft = server.distillation.soft_labels
+    assert (soft >= 0).all() and soft.sum(dim=-1).allclose(torch.ones(len(soft), dtype=soft.dtype))
+    with pytest.raises(ConfigError, match="set algorithm.client_output: probabilities"):
+        parse_config({**data, "algorithm": {**algorithm, "client_output": "logits"}})
