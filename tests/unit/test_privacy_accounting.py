@@ -63,3 +63,12 @@ def test_the_accountant_composes_changing_rounds_and_its_state_resumes():
     resumed.load_state(accountant.state())
     assert resumed.epsilon(1e-5) == accountant.epsilon(1e-5)
     assert PrivacyAccountant().epsilon(1e-5) == 0.0
+
+
+def test_the_values_opacus_pins_for_90_epochs_of_dp_sgd():
+    """Opacus's accountant tests pin, for noise 1.5, sampling rate 0.04 and 90 epochs (2,250
+    steps) at delta 1e-5, RDP epsilon 7.32911117143, and noise 1.425307617 for epsilon 8 (its
+    search stops at a tolerance of 0.01 in epsilon, hence the looser match)."""
+    assert compute_epsilon(1.5, 0.04, 2250, 1e-5, "rdp") == pytest.approx(7.32911117143, rel=1e-3)
+    assert compute_epsilon(1.5, 0.04, 2250, 1e-5, "pld") < 7.32911117143  # PLD is tighter
+    assert noise_for_epsilon(8.0, 0.04, 2250, 1e-5) == pytest.approx(1.425307617, rel=0.01)
