@@ -176,7 +176,9 @@ def test_distillation_with_two_architectures_matches_simulation_bit_for_bit(
 def test_secure_aggregation_over_flower_gives_the_plain_models_sum(deployment, write_config, client_files, tmp_path):
     # four exchanges per round as Flower messages, each client's secrets in its node's state; the
     # server only ever holds masked vectors and their sum, and the model matches plain FedAvg
-    config = write_config(secure_aggregation={"clip_range": 1.0}, training={"learning_rate": 1e-2})
+    config = write_config(
+        secure_aggregation={"clip_range": 1.0}, training={"learning_rate": 1e-2}, federation={"rounds": 1}
+    )
     start_nodes(deployment, client_files)
     result = deployment.run(config)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -188,8 +190,8 @@ def test_secure_aggregation_over_flower_gives_the_plain_models_sum(deployment, w
         load_file(tmp_path / "config" / "model" / "model.safetensors"),
         load_file(tmp_path / "plain" / "model" / "model.safetensors"),
     )
-    # ~1e-9 quantization differences in round 1 grow through round 2's training to ~1e-5
-    assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-4
+    # quantization steps of ~2e-9 per value and float32 sums
+    assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-6
 
 
 def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
