@@ -11,8 +11,6 @@ serialization (protocol buffers), never as pickles.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fedlm.errors import ConfigError
@@ -75,7 +73,3 @@ def add_encrypted(public_context: bytes, updates: list[list[bytes]]) -> list[byt
         for index, chunk in enumerate(chunks):
             totals[index] += ts.ckks_vector_from(context, chunk)
     return [total.serialize() for total in totals]
-
-
-def ciphertexts_for(length: int, slots: int) -> int:
-    return math.ceil(length / slots)
