@@ -21,6 +21,7 @@ _EXPORTS = {
     **{name: "fedlm.core.robust" for name in ("CoordinateMedian", "TrimmedMean", "Krum")},
     "FederatedDistillation": "fedlm.distillation",
     "EnsembleDistillation": "fedlm.distillation",
+    "SampleLevelDP": "fedlm.privacy.dp_sgd",
     "ClientError": "fedlm.errors",
     "ConfigError": "fedlm.errors",
     "DatasetError": "fedlm.errors",

@@ -159,6 +159,11 @@ def run(
         elif backend == "flower":
             if superlink is None:
                 raise ConfigError("--backend flower needs --superlink HOST:PORT (the SuperLink's address)")
+            if config.homomorphic is not None:
+                raise ConfigError(
+                    "homomorphic: runs in the simulation only (--backend local): over Flower the SuperNodes would "
+                    "need a shared CKKS secret key, which fedlm does not distribute yet; use secure_aggregation"
+                )
             from fedlm.runtime.flower.launch import launch_flower_run
 
             status = launch_flower_run(config, superlink, root_certificates, insecure, resume)

@@ -22,6 +22,10 @@ from fedlm.errors import ConfigError
 from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
+from fedlm.privacy.accounting import PrivacyAccountant
+from fedlm.privacy.dp_sgd import PrivateTraining, SampleLevelDP, accountant_from, steps_tensor
+from fedlm.privacy.homomorphic import HomomorphicKeys
+from fedlm.privacy.homomorphic_round import decrypt_sum, encrypted_update
 from fedlm.privacy.secure_aggregation import SecAggClient
 from fedlm.privacy.secure_round import answer_stage
 from fedlm.protocol import (
@@ -50,8 +54,12 @@ class TrainingOptions:
     seed: int = 0
     device: str = "cpu"
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    # sample-level DP: train with DP-SGD (per-example clipping replaces max_grad_norm)
+    dp_sgd: SampleLevelDP | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.dp_sgd, dict):  # from a run config
+            self.dp_sgd = SampleLevelDP(**self.dp_sgd)
         for field_name in ("batch_size", "max_length"):
             if not isinstance(getattr(self, field_name), int) or getattr(self, field_name) < 1:
                 raise ConfigError(f"{field_name} must be a positive integer, got {getattr(self, field_name)!r}")
@@ -80,8 +88,9 @@ class FedClient:
     """
 
     # what a client keeps between rounds (and checkpoints): SCAFFOLD's c_i, error feedback's
-    # residual, and in federated distillation its own model's parameters
-    STATE = ("control_variate", "residual", "local_parameters")
+    # residual, in federated distillation its own model's parameters, and under DP-SGD the
+    # privacy it has spent
+    STATE = ("control_variate", "residual", "local_parameters", "privacy_spent")
 
     def __init__(
         self,
@@ -121,6 +130,8 @@ class FedClient:
         self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
         self.local_parameters: torch.Tensor | None = None  # its own model, in federated distillation
         self.public_texts: list[str] | None = None  # the public set it predicts on, in distillation
+        self.sample_privacy: PrivacyAccountant | None = None  # DP-SGD's steps so far, all rounds
+        self.homomorphic_keys: HomomorphicKeys | None = None  # the CKKS secret key the clients share
         self._secure_aggregation: SecAggClient | None = None  # this round's secrets, when masking
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
@@ -155,6 +166,16 @@ class FedClient:
         data = self.data if split == "train" else self.test_data
         labels = self.label_map.encode(data.labels, owner=f"client {self.name}")
         return encode(self.tokenizer, data.texts, labels, self.options.max_length)
+
+    @property
+    def privacy_spent(self) -> torch.Tensor | None:
+        """DP-SGD's steps so far as (noise multiplier, sampling rate, steps) rows, for checkpoints."""
+        return steps_tensor(self.sample_privacy)
+
+    @privacy_spent.setter
+    def privacy_spent(self, steps: torch.Tensor | None) -> None:
+        kind = self.options.dp_sgd.accountant if self.options.dp_sgd is not None else "rdp"
+        self.sample_privacy = None if steps is None else accountant_from(steps, kind)
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -220,15 +241,30 @@ class FedClient:
             }
             weighted = result.delta * float(ins.config["secagg"]["weight"])
             result.delta = self._secure_aggregation.masked_input(weighted, inbox)
+        elif "homomorphic" in ins.config:  # the server gets the update only encrypted, to be summed
+            weight = float(ins.config["homomorphic"]["weight"])
+            encrypted = encrypted_update(self._homomorphic_keys(), result.delta, weight)
+            result = FitRes(torch.zeros(0), result.num_examples, result.metrics, encrypted)
         if "upload_codec" in ins.config:
             result.delta = self._compress(result.delta, ins.config["upload_codec"])
         return result
 
     def stage(self, ins: StageIns) -> StageRes:
         """Secure aggregation's exchanges around `fit`: public keys, encrypted key shares, and
-        the shares that let the server unmask the sum (`fedlm.privacy.secure_round`)."""
+        the shares that let the server unmask the sum (`fedlm.privacy.secure_round`); under
+        homomorphic aggregation, decrypting the sum of the encrypted updates."""
+        if ins.stage == "he_decrypt":
+            return decrypt_sum(self._homomorphic_keys(), ins)
         self._secure_aggregation, reply = answer_stage(self._secure_aggregation, ins, f"client {self.name}")
         return reply
+
+    def _homomorphic_keys(self) -> HomomorphicKeys:
+        if self.homomorphic_keys is None:
+            raise ConfigError(
+                f"client {self.name}: homomorphic aggregation needs the clients' CKKS secret key "
+                "(FedClient.homomorphic_keys, a fedlm.privacy.homomorphic.HomomorphicKeys)"
+            )
+        return self.homomorphic_keys
 
     @staticmethod
     def _privatize(delta: torch.Tensor, clip_norm: float, noise_std: float) -> torch.Tensor:
@@ -312,37 +348,48 @@ class FedClient:
                 self.control_variate = torch.zeros_like(received)
             correction = unflatten(ins.tensors["server_control"] - self.control_variate, spec)
         optimizer = self._optimizer(params)
-        steps_per_epoch = -(-len(data) // options.batch_size)
-        total_steps, step, loss_sum = epochs * steps_per_epoch, 0, torch.zeros((), device=options.device)
+        private = None
+        if options.dp_sgd is not None:
+            private = PrivateTraining(options.dp_sgd, model, optimizer, len(data), options.batch_size)
+        steps_per_epoch = -(-len(data) // options.batch_size) if private is None else private.steps_per_epoch
+        total_steps, step, seen, loss_sum = epochs * steps_per_epoch, 0, 0, torch.zeros((), device=options.device)
         start = time.perf_counter()
         model.train()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # dropout
-            generator = torch.Generator().manual_seed(seed)
-            for _ in range(epochs):
-                order = torch.randperm(len(data), generator=generator).tolist()
-                for batch in batches(data, options.batch_size, self._pad_id(), order):
-                    batch = {key: value.to(options.device) for key, value in batch.items()}
-                    loss = model(**batch).loss
-                    loss.backward()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # dropout
+                generator = torch.Generator().manual_seed(seed)
+                for batch in self._batches(data, epochs, generator, private):
+                    if batch is not None:
+                        batch = {key: value.to(options.device) for key, value in batch.items()}
+                        loss = model(**batch).loss if private is None else private.loss(batch)
+                        loss.backward()
+                        loss_sum += loss.detach() * len(batch["labels"])
+                        seen += len(batch["labels"])
+                    if private is not None:  # per-example clipping and noise, before any other change
+                        private.noisy_gradients(sampled_nothing=batch is None)
                     if centers is not None or correction is not None:
                         self._adjust_gradients(params, proximal_mu, centers, correction)
-                    if options.max_grad_norm is not None:
+                    if private is None and options.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_sum += loss.detach() * len(batch["labels"])
+                    (optimizer if private is None else private.optimizer).zero_grad(set_to_none=True)
                     step += 1
                     if self.step_callback is not None:
                         self.step_callback(step, total_steps)
+        finally:
+            if private is not None:
+                private.close()
         seconds = time.perf_counter() - start
         metrics = {
-            "loss": float(loss_sum) / (epochs * len(data)),
+            "loss": float(loss_sum) / max(seen, 1),
             "num_examples": len(data),
             "steps": step,
             "seconds": seconds,
-            "samples_per_second": epochs * len(data) / seconds,
+            "samples_per_second": seen / seconds,
         }
+        if private is not None:
+            metrics.update(self._spend_privacy(private.sampling_rate, step))
         delta = self.get_parameters() - received
         extras = {}
         if correction is not None:
@@ -351,6 +398,25 @@ class FedClient:
             extras["control_delta"] = new_control - self.control_variate
             self.control_variate = new_control
         return FitRes(delta, len(data), metrics, extras)
+
+    def _batches(self, data: EncodedDataset, epochs: int, generator: torch.Generator, private: PrivateTraining | None):
+        """The training batches: `epochs` shuffled passes, or under DP-SGD Poisson-sampled steps
+        (None for a step that sampled no example)."""
+        if private is None:
+            for _ in range(epochs):
+                order = torch.randperm(len(data), generator=generator).tolist()
+                yield from batches(data, self.options.batch_size, self._pad_id(), order)
+            return
+        for chosen in private.sampled_steps(epochs):
+            yield next(batches(data, len(chosen), self._pad_id(), chosen)) if chosen else None
+
+    def _spend_privacy(self, sampling_rate: float, steps: int) -> dict[str, float]:
+        """Account DP-SGD's steps of this round; this client's epsilon over all its rounds so far."""
+        settings = self.options.dp_sgd
+        if self.sample_privacy is None:
+            self.sample_privacy = PrivacyAccountant(settings.accountant)
+        self.sample_privacy.step(settings.noise_multiplier, sampling_rate, steps)
+        return {"dp_sgd_epsilon": self.sample_privacy.epsilon(settings.delta), "dp_sgd_delta": settings.delta}
 
     @staticmethod
     @torch.no_grad()

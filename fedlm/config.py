@@ -191,6 +191,16 @@ StrategyConfig = Annotated[
 ]
 
 
+class DPSGDConfig(Section):
+    """Sample-level DP on every client: DP-SGD (Abadi et al. 2016) through Opacus, each client's
+    epsilon accounted over all the steps it trains."""
+
+    noise_multiplier: float = Field(gt=0, description="z: noise std = z * clip_norm on each step's gradient sum")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound of each example's gradient (replaces max_grad_norm)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta each client's epsilon is reported at")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="Renyi DP or privacy loss distributions")
+
+
 class TrainingConfig(Section):
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     batch_size: int = Field(16, ge=1)
@@ -201,6 +211,9 @@ class TrainingConfig(Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer; SCAFFOLD assumes sgd")
     device: str = Field("cpu", description="torch device for training and evaluation, e.g. cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
+    dp_sgd: DPSGDConfig | None = Field(
+        None, description="train every client with DP-SGD (sample-level DP; batches are Poisson-sampled)"
+    )
 
 
 class LoraConfig(Section):
@@ -390,6 +403,15 @@ class SecureAggregationConfig(Section):
     threshold: int | None = Field(None, ge=2, description="shares needed to unmask; default a majority of neighbours")
 
 
+class HomomorphicConfig(Section):
+    """CKKS homomorphic aggregation (TenSEAL, `pip install 'fedlm[he]'`): clients encrypt their
+    updates with a key the server never holds; the server adds ciphertexts; a client decrypts the sum."""
+
+    poly_modulus_degree: Literal[8192, 16384] = Field(
+        8192, description="CKKS ring degree: 8192 packs 4,096 values per ciphertext (about 128-bit security)"
+    )
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
     seed: int = Field(
@@ -410,6 +432,9 @@ class RunConfig(Section):
     dp: DPConfig | None = Field(None, description="client-level differential privacy with privacy accounting")
     secure_aggregation: SecureAggregationConfig | None = Field(
         None, description="mask the updates so that the server only learns their sum"
+    )
+    homomorphic: HomomorphicConfig | None = Field(
+        None, description="encrypt the updates so that the server only adds ciphertexts (simulation only)"
     )
 
     @model_validator(mode="after")
@@ -439,8 +464,12 @@ class RunConfig(Section):
                 raise ValueError(
                     "dp with LoRA needs aggregation fedit or ffa: stack and svd combine the clients' raw factors"
                 )
+        if self.secure_aggregation is not None and self.homomorphic is not None:
+            raise ValueError("choose one of secure_aggregation and homomorphic: both hide the updates from the server")
         if self.secure_aggregation is not None:
-            self._check_secure_aggregation()
+            self._check_summed_updates("secure_aggregation")
+        if self.homomorphic is not None:
+            self._check_summed_updates("homomorphic")
         held_out = self.algorithm is not None and self.algorithm.public_data.held_out is not None
         if held_out and isinstance(self.data.partition, PredefinedPartitionConfig):
             raise ValueError(
@@ -448,7 +477,7 @@ class RunConfig(Section):
             )
         return self
 
-    def _check_secure_aggregation(self) -> None:
+    def _check_summed_updates(self, section: str) -> None:
         needs_updates = {
             "algorithm (distillation)": self.algorithm is not None,
             "strategy.robust": self.strategy.robust is not None,
@@ -460,12 +489,10 @@ class RunConfig(Section):
         }
         clashes = [name for name, present in needs_updates.items() if present]
         if clashes:
-            raise ValueError(
-                f"secure_aggregation gives the server only the sum of the updates; {clashes} need each one"
-            )
+            raise ValueError(f"{section} gives the server only the sum of the updates; {clashes} need each one")
         if self.dp is not None and self.dp.noise != "clients":
             raise ValueError(
-                "with secure_aggregation the server cannot add DP noise to updates it never sees: dp.noise: clients"
+                f"with {section} the server cannot add DP noise to updates it never sees: dp.noise: clients"
             )
 
     def to_yaml(self) -> str:

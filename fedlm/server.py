@@ -39,6 +39,7 @@ from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, mer
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
 from fedlm.privacy.accounting import RoundAccounting
+from fedlm.privacy.homomorphic_round import HomomorphicError, encrypted_fit
 from fedlm.privacy.secure_aggregation import SecAggError
 from fedlm.privacy.secure_round import SecureAggregation, secure_fit
 from fedlm.protocol import ClientInfo, ClientTransport, Compressed, EvaluateIns, FitIns, FitRes, LoopbackTransport
@@ -213,10 +214,21 @@ class FedServer:
         self.stop_reason: str | None = None
         # secure aggregation's settings (fedlm.privacy.secure_round); None: clients send updates in the clear
         self.secure_aggregation: SecureAggregation | None = None
+        # homomorphic aggregation's public CKKS context (fedlm.privacy.homomorphic_round; set with
+        # aggregate_encrypted); None: clients send updates in the clear
+        self.homomorphic_context: bytes | None = None
         self.strategy = strategy or FedAvg()
         self.seed = seed
         self.min_clients = min_clients
         self.round_timeout = round_timeout
+
+    def aggregate_encrypted(self, public_context: bytes) -> None:
+        """From now on clients send their updates CKKS-encrypted and the server adds ciphertexts
+        with `public_context` (`HomomorphicKeys.public_context()`; the clients hold the secret key
+        in `FedClient.homomorphic_keys`)."""
+        self.homomorphic_context = public_context
+        # ciphertexts take about 80 bytes a value (8,192-degree CKKS, 4,096 values each)
+        self.transport.max_reply_bytes = max(self.transport.max_reply_bytes, 100 * self.upload_numel() + (1 << 20))
 
     # ---- the seed API ------------------------------------------------------------------------
 
@@ -298,7 +310,7 @@ class FedServer:
         """The strategy's step, then for LoRA adapters the configured re-factoring (`svd`, `stack`)
         and the aggregation error it leaves, then FedDF's ensemble distillation if configured (in
         federated distillation: the student's training instead); returns the round's summary.
-        Under secure aggregation the strategy gets the weighted sum of the updates instead
+        Under secure or homomorphic aggregation the strategy gets the weighted sum of the updates instead
         (`secure_sum`: the sum and its total weight; `updates` then carry metrics only)."""
         summary = _train_summary(updates)
         if self.distillation is not None:
@@ -489,8 +501,9 @@ class FedServer:
         dropped: list[dict[str, str]] = []
         record: dict[str, Any] = {"round": round_number}
         secure_sum = None
-        if self.secure_aggregation is not None:  # the server gets only the sum of the updates
-            secure_sum = self._secure_train(messages, round_number, updates, dropped, record)
+        summed = self.secure_aggregation is not None or self.homomorphic_context is not None
+        if summed:  # the server gets only the sum of the updates
+            secure_sum = self._summed_train(messages, round_number, updates, dropped, record)
         else:
             for name, reply in self.transport.fit(messages, self._deadline()).items():
                 if isinstance(reply, str):
@@ -500,7 +513,7 @@ class FedServer:
         record.update({"clients": len(updates), "dropped": dropped})
 
         # 4. aggregate, or skip the round when too few clients remain
-        if len(updates) >= self.min_clients and (self.secure_aggregation is None or secure_sum is not None):
+        if len(updates) >= self.min_clients and (not summed or secure_sum is not None):
             record.update(self._aggregate(updates, round_number, secure_sum))
             if self.privacy is not None:  # a released aggregate: the round costs privacy
                 record.update(self.privacy.spend_round())
@@ -550,7 +563,7 @@ class FedServer:
         total = moved.pop(None, {"down": 0, "up": 0})
         return {"bytes_down": total["down"], "bytes_up": total["up"], "client_bytes": moved}
 
-    def _secure_train(
+    def _summed_train(
         self,
         messages: dict[str, FitIns],
         round_number: int,
@@ -558,22 +571,27 @@ class FedServer:
         dropped: list[dict[str, str]],
         record: dict[str, Any],
     ) -> tuple[torch.Tensor, float] | None:
-        """Train under secure aggregation; `updates` get the finished clients' metrics (no
-        vectors: the server never sees one). Returns the weighted sum and its total weight, or
-        None when the sum cannot be recovered (the round is then skipped)."""
+        """Train under secure or homomorphic aggregation; `updates` get the finished clients'
+        metrics (no vectors: the server never sees one). Returns the weighted sum and its total
+        weight, or None when the sum cannot be recovered (the round is then skipped)."""
         private = isinstance(self.strategy, DifferentialPrivacy)  # every client counts once
         examples = {name: self._examples[name] for name in messages}
         weights = {name: 1.0 if private else count / sum(examples.values()) for name, count in examples.items()}
+        protocol, key = (
+            (secure_fit, "secure_aggregation")
+            if self.secure_aggregation is not None
+            else (encrypted_fit, "homomorphic")
+        )
         try:
-            total, replies, failed, summary = secure_fit(self, messages, weights)
-        except SecAggError as error:
-            logger.warning("round %d: secure aggregation failed: %s; global model unchanged", round_number, error)
-            record["secure_aggregation"] = {"error": str(error)}
+            total, replies, failed, summary = protocol(self, messages, weights)
+        except (SecAggError, HomomorphicError) as error:
+            logger.warning("round %d: %s failed: %s; global model unchanged", round_number, key, error)
+            record[key] = {"error": str(error)}
             return None
         for name, reason in failed.items():
             self._drop(round_number, name, reason, dropped)
         updates.extend(ClientUpdate(torch.zeros(0), reply.num_examples, reply.metrics) for reply in replies.values())
-        record["secure_aggregation"] = summary
+        record[key] = summary
         return total, sum(weights[name] for name in replies)
 
     def _drop(self, round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
@@ -667,9 +685,14 @@ def _build_label_map(model: torch.nn.Module, clients: list[FedClient]) -> LabelM
 def _train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
     total = sum(update.num_examples for update in updates)
     losses = [(update.metrics.get("loss", math.nan), update.num_examples) for update in updates]
-    return {
+    summary = {
         "train_loss": sum(loss * n for loss, n in losses) / total,
         "train_examples": total,
         "train_seconds": sum(update.metrics.get("seconds", 0.0) for update in updates),
         "train_seconds_max": max(update.metrics.get("seconds", 0.0) for update in updates),  # clients in parallel
     }
+    epsilons = [update.metrics["dp_sgd_epsilon"] for update in updates if "dp_sgd_epsilon" in update.metrics]
+    if epsilons:  # DP-SGD: each client's own epsilon; the largest is the federation's guarantee
+        summary["dp_sgd_epsilon_max"] = max(epsilons)
+        summary["dp_sgd_delta"] = max(update.metrics.get("dp_sgd_delta", 0.0) for update in updates)
+    return summary

@@ -36,6 +36,20 @@ def read_metrics(run_folder: Path) -> list[dict]:
     return [json.loads(line) for line in (run_folder / "metrics.jsonl").read_text().splitlines()]
 
 
+def fail_in_round(server, names: set[str], round_number: int) -> None:
+    """Make the named clients raise during training in `round_number`."""
+    for client in server.clients:
+        if client.name in names:
+            honest = client.fit
+
+            def fit(ins, honest=honest, name=client.name):
+                if ins.config["round"] == round_number:
+                    raise RuntimeError(f"{name} lost power")
+                return honest(ins)
+
+            client.fit = fit
+
+
 def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[dict]:
     """`num` short texts; each mixes filler words with three words of its topic."""
     rng = random.Random(seed)

@@ -61,15 +61,36 @@ class HomomorphicKeys:
         return torch.tensor(values[:length], dtype=torch.float32)
 
 
+class EncryptedSum:
+    """The server's running sum of encrypted updates: with the public context it can add
+    ciphertexts, never decrypt them. `add` raises ValueError for bytes that are not ciphertexts of
+    this context, or a count that differs from the first update's."""
+
+    def __init__(self, public_context: bytes) -> None:
+        self._ts = _tenseal()
+        self.context = self._ts.context_from(public_context)
+        self.totals: list | None = None
+
+    def add(self, chunks: list[bytes]) -> None:
+        try:
+            vectors = [self._ts.ckks_vector_from(self.context, chunk) for chunk in chunks]
+        except Exception as error:  # TenSEAL raises several kinds for malformed bytes
+            raise ValueError(f"not CKKS ciphertexts of this run's context ({type(error).__name__})") from None
+        if self.totals is None:
+            self.totals = vectors
+            return
+        if len(vectors) != len(self.totals):
+            raise ValueError(f"{len(vectors)} ciphertexts, expected {len(self.totals)} like the other clients")
+        for total, vector in zip(self.totals, vectors):
+            total += vector
+
+    def ciphertexts(self) -> list[bytes]:
+        return [total.serialize() for total in self.totals or []]
+
+
 def add_encrypted(public_context: bytes, updates: list[list[bytes]]) -> list[bytes]:
-    """The server's step: the chunk-wise sum of the clients' encrypted updates, still encrypted
-    (the public context can add, not decrypt)."""
-    ts = _tenseal()
-    if not updates or len({len(chunks) for chunks in updates}) != 1:
-        raise ValueError("every client must send the same number of ciphertexts")
-    context = ts.context_from(public_context)
-    totals = [ts.ckks_vector_from(context, chunk) for chunk in updates[0]]
-    for chunks in updates[1:]:
-        for index, chunk in enumerate(chunks):
-            totals[index] += ts.ckks_vector_from(context, chunk)
-    return [total.serialize() for total in totals]
+    """The chunk-wise sum of the clients' encrypted updates, still encrypted."""
+    total = EncryptedSum(public_context)
+    for chunks in updates:
+        total.add(chunks)
+    return total.ciphertexts()

@@ -34,6 +34,7 @@ from fedlm.errors import ConfigError
 from fedlm.models import load_classifier, load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
 from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
+from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.runtime.federated_data import load_public_data, prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
@@ -227,5 +228,10 @@ def build_simulation(config: RunConfig) -> Federation:
     server.privacy = accounting
     if config.secure_aggregation is not None:
         server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
+    if config.homomorphic is not None:  # the run plays the clients' key service: the server gets the public part
+        keys = HomomorphicKeys(config.homomorphic.poly_modulus_degree)
+        for client in clients:
+            client.homomorphic_keys = keys
+        server.aggregate_encrypted(keys.public_context())
     validation = None if federated.validation is None else server.encode_dataset(federated.validation)
     return Federation(config, server, validation, clients_per_round, partition_summary(federated))

@@ -77,8 +77,7 @@ def run_federation(
             save_checkpoint(server, checkpoint, records, config_data)
     server.save(output / "model")
     summary = run_summary(records)
-    if server.privacy is not None or server.secure_aggregation is not None:
-        summary["privacy"] = privacy_report(server, config)
+    summary["privacy"] = privacy_report(server, config, records)
     if server.stop_reason is not None:
         summary["stopped"] = server.stop_reason
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -105,14 +104,20 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def privacy_report(server: FedServer, config: RunConfig) -> dict[str, Any]:
+def privacy_report(server: FedServer, config: RunConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """What the run protected beyond keeping text on the clients, and what the server could see."""
     secure = config.secure_aggregation is not None
-    report: dict[str, Any] = {"secure_aggregation": secure, "differential_privacy": server.privacy is not None}
+    report: dict[str, Any] = {
+        "secure_aggregation": secure,
+        "differential_privacy": server.privacy is not None,
+        "sample_level_dp": config.training.dp_sgd is not None,
+    }
     if secure:
         report["server_sees"] = "only the sum of the updates of the clients that finished each round (SecAgg+)"
     else:
         report["server_sees"] = "every client's update"
+    if config.training.dp_sgd is not None:
+        report["dp_sgd"] = dp_sgd_report(config, records)
     if server.privacy is None:
         return report
     settings, accounting = config.dp, server.privacy
@@ -141,6 +146,22 @@ def privacy_report(server: FedServer, config: RunConfig) -> dict[str, Any]:
     return report
 
 
+def dp_sgd_report(config: RunConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sample-level DP: each client's examples are protected by its own epsilon, the largest of
+    which (over every round) holds for every client."""
+    settings = config.training.dp_sgd
+    epsilons = [record["dp_sgd_epsilon_max"] for record in records if "dp_sgd_epsilon_max" in record]
+    return {
+        "level": "sample: each client trains with DP-SGD (per-example clipping and noise, Poisson-sampled steps)",
+        "epsilon_max": max(epsilons, default=0.0),
+        "delta": settings.delta,
+        "accountant": settings.accountant,
+        "noise_multiplier": settings.noise_multiplier,
+        "clip_norm": settings.clip_norm,
+        "protects": "each training example of a client, against the server, other clients and the released model",
+    }
+
+
 def megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
@@ -162,6 +183,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         parts.append(f"up {megabytes(record['bytes_up'])}  down {megabytes(record['bytes_down'])}")
     if "epsilon" in record:
         parts.append(f"epsilon {record['epsilon']:.3f} (delta {record['delta']:g})")
+    if "dp_sgd_epsilon_max" in record:
+        parts.append(f"DP-SGD epsilon max {record['dp_sgd_epsilon_max']:.3f} (delta {record['dp_sgd_delta']:g})")
     if record.get("dropped"):
         parts.append(f"dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)")
     if record.get("skipped"):

@@ -84,3 +84,11 @@ def test_certs_writes_a_ca_a_server_certificate_it_signed_and_node_keys(tmp_path
     public = load_ssh_public_identity((tmp_path / "a.pub").read_bytes())
     assert private.public_key().public_numbers() == public.public_numbers()
     assert oct((tmp_path / "a.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_the_flower_backend_refuses_homomorphic_aggregation_before_starting(config_data_factory, tmp_path):
+    path = tmp_path / "he.yaml"
+    path.write_text(yaml.safe_dump(config_data_factory(num_clients=3, rounds=1, homomorphic={})))
+    result = fedlm("run", str(path), "--backend", "flower", "--superlink", "127.0.0.1:9", cwd=tmp_path)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0 and "homomorphic: runs in the simulation only" in output

@@ -76,3 +76,23 @@ def test_dp_settings_that_cannot_work_are_refused_before_training(config_data_fa
     data.update(changes)
     with pytest.raises(ConfigError, match=message):
         build_simulation(parse_config(data))
+
+
+def test_dp_sgd_reports_each_clients_epsilon_every_round_and_resume_keeps_counting(config_data_factory, tmp_path):
+    dp_sgd = {"noise_multiplier": 1.1, "clip_norm": 1.0, "delta": 1e-5}
+    data = config_data_factory(num_clients=3, rounds=1, training={"dp_sgd": dp_sgd, "batch_size": 10})
+    simulation = build_simulation(parse_config(data))
+    history = run_federation(simulation)
+    sizes = [len(client.data) for client in simulation.server.clients]
+
+    def epsilon_after(rounds: int) -> float:  # each client: local_epochs * round(1/q) Poisson steps a round
+        return max(compute_epsilon(1.1, 10 / n, rounds * 2 * round(n / 10), 1e-5) for n in sizes)
+
+    assert history[0]["dp_sgd_epsilon_max"] == pytest.approx(epsilon_after(1), rel=1e-9)
+    data["federation"]["rounds"] = 2
+    resumed = build_simulation(parse_config(data))
+    more = run_federation(resumed, resume=True)
+    assert more[-1]["dp_sgd_epsilon_max"] == pytest.approx(epsilon_after(2), rel=1e-9)
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
+    assert report["sample_level_dp"] and not report["differential_privacy"]
+    assert report["dp_sgd"]["epsilon_max"] == pytest.approx(epsilon_after(2)) and report["dp_sgd"]["clip_norm"] == 1.0

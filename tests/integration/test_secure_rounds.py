@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import fail_in_round
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation
@@ -15,20 +16,6 @@ def simulation(config_data_factory, secure: bool, **sections):
     if secure:
         data["secure_aggregation"] = {"clip_range": 1.0}
     return build_simulation(parse_config(data))
-
-
-def fail_in_round(server, names: set[str], round_number: int) -> None:
-    """Make the named clients raise during training in `round_number`."""
-    for client in server.clients:
-        if client.name in names:
-            honest = client.fit
-
-            def fit(ins, honest=honest, name=client.name):
-                if ins.config["round"] == round_number:
-                    raise RuntimeError(f"{name} lost power")
-                return honest(ins)
-
-            client.fit = fit
 
 
 def test_secure_rounds_give_plain_fedavgs_model_and_the_server_sees_only_masked_vectors(config_data_factory):

@@ -172,3 +172,26 @@ def test_clients_are_evaluated_on_their_own_test_splits(load_tiny):
     assert server.run_round(clients_per_evaluation=0).get("client_test") is None
     sampled = server.run_round(clients_per_evaluation=2)
     assert sampled["clients_evaluated"] <= 2
+
+
+def test_clients_training_with_dp_sgd_learn_and_report_their_epsilon(tmp_path, load_tiny):
+    from fedlm import SampleLevelDP
+    from fedlm.privacy.accounting import compute_epsilon
+
+    csv_path, jsonl_path = write_clients(tmp_path)
+    # negligible noise: the Poisson-sampled, per-example-clipped training itself must still learn
+    # (real noise on a random-init model this small drowns the signal: DP fine-tuning needs a
+    # pretrained model, an adapter and large batches, see BENCHMARKS.md)
+    private = SampleLevelDP(noise_multiplier=1e-6, clip_norm=1.0)
+    model = load_tiny()
+    clients = [FedClient(dataset=str(path), model=model, dp_sgd=private, **FAST) for path in (csv_path, jsonl_path)]
+    server = FedServer(clients)
+    for _ in range(3):
+        epsilons = [client.local_train(epochs=2)["dp_sgd_epsilon"] for client in clients]
+        server.aggregate_parameters()
+        server.broadcast_model()
+    # 240 and 160 examples at batch 16: q = 16/n, 2 * round(n/16) steps a round, 3 rounds
+    expected = [compute_epsilon(1e-6, 16 / n, 3 * 2 * round(n / 16), 1e-5) for n in (240, 160)]
+    assert epsilons == pytest.approx(expected, rel=1e-9)
+    assert not hasattr(model, "autograd_grad_sample_hooks")  # Opacus's hooks are gone after training
+    assert server.evaluate(make_records(300, seed=99))["accuracy"] > 0.6

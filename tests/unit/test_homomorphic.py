@@ -33,5 +33,7 @@ def test_the_server_context_cannot_decrypt(keys):
 
 
 def test_clients_must_send_matching_ciphertexts(keys):
-    with pytest.raises(ValueError, match="same number of ciphertexts"):
+    with pytest.raises(ValueError, match="2 ciphertexts, expected 1 like the other clients"):
         add_encrypted(keys.public_context(), [keys.encrypt(torch.ones(8)), keys.encrypt(torch.ones(5000))])
+    with pytest.raises(ValueError, match="not CKKS ciphertexts of this run's context"):
+        add_encrypted(keys.public_context(), [[b"\x08\x01 not a ciphertext"]])
