@@ -160,10 +160,9 @@ def run(
             if superlink is None:
                 raise ConfigError("--backend flower needs --superlink HOST:PORT (the SuperLink's address)")
             if config.homomorphic is not None:
-                raise ConfigError(
-                    "homomorphic: runs in the simulation only (--backend local): over Flower the SuperNodes would "
-                    "need a shared CKKS secret key, which fedlm does not distribute yet; use secure_aggregation"
-                )
+                from fedlm.privacy.homomorphic import read_public_context
+
+                read_public_context(config.homomorphic.public_context)  # before any node is asked to train
             from fedlm.runtime.flower.launch import launch_flower_run
 
             status = launch_flower_run(config, superlink, root_certificates, insecure, resume)
@@ -189,6 +188,25 @@ def certs(
     paths = make_certificates(folder, host)
     for name in node:
         paths.update(make_node_keys(folder, name))
+    for path in paths.values():
+        console.print(f"wrote {path}")
+
+
+@app.command("he-keys")
+def he_keys(
+    folder: Path = typer.Argument(..., help="where to write he-secret.ctx and he-public.ctx"),
+    poly_modulus_degree: int = typer.Option(8192, help="CKKS ring degree: 8192 or 16384"),
+) -> None:
+    """CKKS keys for homomorphic aggregation: he-secret.ctx for every SuperNode (--node-config
+    he-secret-context=...), never the server; he-public.ctx for the server (homomorphic.public_context)."""
+    from fedlm.privacy.homomorphic import HomomorphicKeys
+
+    if poly_modulus_degree not in (8192, 16384):
+        _fail(ConfigError(f"--poly-modulus-degree must be 8192 or 16384, got {poly_modulus_degree}"))
+    try:
+        paths = HomomorphicKeys(poly_modulus_degree).save(folder)
+    except FedlmError as error:
+        _fail(error)
     for path in paths.values():
         console.print(f"wrote {path}")
 

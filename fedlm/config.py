@@ -408,7 +408,12 @@ class HomomorphicConfig(Section):
     updates with a key the server never holds; the server adds ciphertexts; a client decrypts the sum."""
 
     poly_modulus_degree: Literal[8192, 16384] = Field(
-        8192, description="CKKS ring degree: 8192 packs 4,096 values per ciphertext (about 128-bit security)"
+        8192, description="CKKS ring degree of the keys a simulation makes: 8192 packs 4,096 values per ciphertext"
+    )
+    public_context: Path | None = Field(
+        None,
+        description="Flower backend: the server's he-public.ctx from `fedlm he-keys` (SuperNodes get he-secret.ctx); "
+        "a simulation makes its own keys",
     )
 
 
@@ -434,7 +439,7 @@ class RunConfig(Section):
         None, description="mask the updates so that the server only learns their sum"
     )
     homomorphic: HomomorphicConfig | None = Field(
-        None, description="encrypt the updates so that the server only adds ciphertexts (simulation only)"
+        None, description="encrypt the updates so that the server only adds ciphertexts"
     )
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ serialization (protocol buffers), never as pickles.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fedlm.errors import ConfigError
@@ -38,6 +40,34 @@ class HomomorphicKeys:
         self.context.global_scale = 2**40
         self.slots = poly_modulus_degree // 2
 
+    @classmethod
+    def load(cls, path: str | Path) -> HomomorphicKeys:
+        """The keys in a secret context file written by `save` (`fedlm he-keys`)."""
+        ts = _tenseal()
+        try:
+            context = ts.context_from(Path(path).read_bytes())
+        except OSError as error:
+            raise ConfigError(f"cannot read the CKKS secret context {path}: {error.strerror}") from None
+        except Exception:  # TenSEAL raises several kinds for bytes that are not a context
+            raise ConfigError(f"{path} is not a CKKS context file (make one with fedlm he-keys)") from None
+        if not context.is_private():
+            raise ConfigError(f"{path} holds a public context without the secret key: give the clients he-secret.ctx")
+        keys = cls.__new__(cls)
+        keys.context = context
+        keys.slots = context.data.seal_context().key_context_data().parms().poly_modulus_degree() // 2
+        return keys
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """`he-secret.ctx` (for the clients only, readable by the owner alone) and `he-public.ctx`
+        (for the server) in `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        secret, public = folder / "he-secret.ctx", folder / "he-public.ctx"
+        secret.touch(mode=0o600)
+        secret.write_bytes(self.context.serialize(save_secret_key=True))
+        public.write_bytes(self.public_context())
+        return {"secret": secret, "public": public}
+
     def public_context(self) -> bytes:
         """The context without its secret key: what the server gets."""
         public = self.context.copy()
@@ -59,6 +89,29 @@ class HomomorphicKeys:
         if len(values) < length:
             raise ValueError(f"{len(chunks)} ciphertexts hold {len(values)} values, expected {length}")
         return torch.tensor(values[:length], dtype=torch.float32)
+
+
+def read_public_context(path: str | Path | None) -> bytes:
+    """The server's public CKKS context from `path` (`he-public.ctx`), refusing a missing file, one
+    that is not a context, and a context that holds the secret key (the server must never have it)."""
+    ts = _tenseal()
+    if path is None:
+        raise ConfigError(
+            "homomorphic.public_context: the server needs the public context over Flower; make keys with "
+            "`fedlm he-keys DIR`, give the server DIR/he-public.ctx and every SuperNode DIR/he-secret.ctx"
+        )
+    try:
+        data = Path(path).read_bytes()
+        context = ts.context_from(data)
+    except OSError as error:
+        raise ConfigError(f"homomorphic.public_context: cannot read {path}: {error.strerror}") from None
+    except Exception:  # TenSEAL raises several kinds for bytes that are not a context
+        raise ConfigError(f"homomorphic.public_context: {path} is not a CKKS context file (fedlm he-keys)") from None
+    if context.is_private():
+        raise ConfigError(
+            f"homomorphic.public_context: {path} holds the secret key; the server must get he-public.ctx only"
+        )
+    return data
 
 
 class EncryptedSum:

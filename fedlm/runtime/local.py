@@ -229,6 +229,10 @@ def build_simulation(config: RunConfig) -> Federation:
     if config.secure_aggregation is not None:
         server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
     if config.homomorphic is not None:  # the run plays the clients' key service: the server gets the public part
+        if config.homomorphic.public_context is not None:
+            raise ConfigError(
+                "homomorphic.public_context is for --backend flower; a simulation makes its own keys (remove it)"
+            )
         keys = HomomorphicKeys(config.homomorphic.poly_modulus_degree)
         for client in clients:
             client.homomorphic_keys = keys

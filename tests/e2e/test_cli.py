@@ -86,9 +86,18 @@ def test_certs_writes_a_ca_a_server_certificate_it_signed_and_node_keys(tmp_path
     assert oct((tmp_path / "a.key").stat().st_mode & 0o777) == "0o600"
 
 
-def test_the_flower_backend_refuses_homomorphic_aggregation_before_starting(config_data_factory, tmp_path):
-    path = tmp_path / "he.yaml"
-    path.write_text(yaml.safe_dump(config_data_factory(num_clients=3, rounds=1, homomorphic={})))
-    result = fedlm("run", str(path), "--backend", "flower", "--superlink", "127.0.0.1:9", cwd=tmp_path)
+def test_he_keys_writes_a_secret_context_for_clients_and_a_public_one_for_the_server(config_data_factory, tmp_path):
+    import tenseal
+
+    result = fedlm("he-keys", "keys", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    secret, public = tmp_path / "keys" / "he-secret.ctx", tmp_path / "keys" / "he-public.ctx"
+    assert secret.stat().st_mode & 0o777 == 0o600  # the secret key, readable by its owner only
+    assert tenseal.context_from(secret.read_bytes()).is_private()
+    assert not tenseal.context_from(public.read_bytes()).is_private()
+    # the flower backend checks the server's context before any node is asked to train
+    config = config_data_factory(num_clients=3, rounds=1, homomorphic={"public_context": str(secret)})
+    (tmp_path / "he.yaml").write_text(yaml.safe_dump(config))
+    result = fedlm("run", "he.yaml", "--backend", "flower", "--superlink", "127.0.0.1:9", "--insecure", cwd=tmp_path)
     output = " ".join((result.stdout + result.stderr).split())
-    assert result.returncode != 0 and "homomorphic: runs in the simulation only" in output
+    assert result.returncode != 0 and "holds the secret key; the server must get he-public.ctx only" in output

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_model_folder, make_records, read_metrics
 from fedlm.config import load_config
+from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.runtime import build_simulation, run_federation
 from fedlm.runtime.flower.certs import make_certificates
 from fedlm.runtime.flower.flower_app import write_flower_app
@@ -192,6 +193,32 @@ def test_secure_aggregation_over_flower_gives_the_plain_models_sum(deployment, w
     )
     # quantization steps of ~2e-9 per value and float32 sums
     assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-6
+
+
+def test_homomorphic_aggregation_over_flower_gives_the_plain_models_sum(
+    deployment, write_config, client_files, tmp_path
+):
+    # every node holds the secret context, the server the public one: it adds ciphertexts and a
+    # node decrypts the sum (a query.stage message); the model matches plain FedAvg
+    keys = HomomorphicKeys().save(tmp_path / "keys")
+    config = write_config(
+        homomorphic={"public_context": str(keys["public"])}, training={"learning_rate": 1e-2}, federation={"rounds": 1}
+    )
+    for name, path in client_files.items():
+        deployment.start_node(name, {"dataset": str(path), "he-secret-context": str(keys["secret"])})
+    result = deployment.run(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployed = read_metrics(tmp_path / "config")
+    assert all(r["homomorphic"]["finished"] == 3 and not r["dropped"] for r in deployed[1:])
+    # ciphertexts (~80 bytes a value) outweigh the float32 parameters sent down for training and evaluation
+    assert deployed[1]["bytes_up"] > 2 * deployed[1]["bytes_down"]
+    plain = load_config(config).model_copy(update={"homomorphic": None, "output_dir": tmp_path / "plain"})
+    run_federation(build_simulation(plain))
+    a, b = (
+        load_file(tmp_path / "config" / "model" / "model.safetensors"),
+        load_file(tmp_path / "plain" / "model" / "model.safetensors"),
+    )
+    assert max(float((a[key] - b[key]).abs().max()) for key in a) < 1e-5  # CKKS's approximation
 
 
 def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(

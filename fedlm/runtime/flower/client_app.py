@@ -11,6 +11,7 @@ Each SuperNode is one client. What it holds comes from its node config
     device         torch device for training and evaluation (default: the run config's `training.device`)
     text-column, label-column   (default: the run config's `data.text_column` / `data.label_column`)
     lora-rank      this client's LoRA rank, at most `peft.r` (stack and svd aggregation; default: `peft.r`)
+    he-secret-context   the CKKS secret context from `fedlm he-keys` (homomorphic aggregation)
 
 Everything else (training options, seed) comes from the run config the server was started with.
 Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
@@ -37,6 +38,8 @@ from fedlm.data.federated import ClientData
 from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
+from fedlm.privacy.homomorphic import HomomorphicKeys
+from fedlm.privacy.homomorphic_round import decrypt_sum
 from fedlm.privacy.secure_aggregation import SecAggClient
 from fedlm.privacy.secure_round import answer_stage
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, StageIns, WireMessage
@@ -45,7 +48,10 @@ from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
 from fedlm.runtime.local import build_model
 
-NODE_CONFIG_KEYS = ("dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank")
+NODE_CONFIG_KEYS = (
+    "dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank",
+    "he-secret-context",
+)  # fmt: skip
 STATE = "fedlm.client_state"
 SECAGG_STATE = "fedlm.secure_aggregation"
 
@@ -60,10 +66,14 @@ def query(message: Message, context: Context) -> Message:
 
 @app.query("stage")
 def stage(message: Message, context: Context) -> Message:
-    """Secure aggregation's exchanges; the client's secrets stay in this node's state between them."""
+    """Secure aggregation's exchanges (the client's secrets stay in this node's state between
+    them), and decrypting the sum under homomorphic aggregation."""
 
     def work(node: Node, content: RecordDict) -> WireMessage:
-        secagg, reply = answer_stage(_secure_aggregation(context), from_record(content, StageIns), node.data.name)
+        ins = from_record(content, StageIns)
+        if ins.stage == "he_decrypt":
+            return decrypt_sum(node.homomorphic_keys(), ins)
+        secagg, reply = answer_stage(_secure_aggregation(context), ins, node.data.name)
         context.state[SECAGG_STATE] = ConfigRecord({"client": secagg.to_json()})
         return reply
 
@@ -151,6 +161,14 @@ class Node:
         else:
             self.data = split_client(name, data, config.data.client_test_fraction, config.seed)
 
+    def homomorphic_keys(self) -> HomomorphicKeys:
+        if "he-secret-context" not in self.node_config:
+            raise ConfigError(
+                "homomorphic aggregation needs the CKKS secret key: start the SuperNode with --node-config "
+                "\"he-secret-context='DIR/he-secret.ctx'\" (fedlm he-keys DIR)"
+            )
+        return HomomorphicKeys.load(str(self.node_config["he-secret-context"]))
+
     def info(self) -> ClientInfo:
         labels = sorted({label_key(label) for label in self.data.train.labels})
         return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels, self.lora_rank)
@@ -173,6 +191,8 @@ class Node:
             **options,
         )
         client.set_label_map(label_map)
+        if config.homomorphic is not None:
+            client.homomorphic_keys = self.homomorphic_keys()
         if isinstance(config.algorithm, DistillationConfig):
             client.join_distillation(load_public_data(config).texts)
         return client

@@ -27,6 +27,7 @@ from fedlm.data.labels import LabelMap
 from fedlm.distillation import FederatedDistillation
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.models import load_tokenizer
+from fedlm.privacy.homomorphic import read_public_context
 from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
@@ -180,6 +181,8 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     server.privacy = accounting
     if config.secure_aggregation is not None:
         server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
+    if config.homomorphic is not None:  # the nodes hold the secret key (node config he-secret-context)
+        server.aggregate_encrypted(read_public_context(config.homomorphic.public_context))
     validation = None
     if config.data.validation_file is not None:
         validation = server.encode_dataset(
