@@ -106,14 +106,19 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def privacy_report(server: FedServer, config: RunConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
     """What the run protected beyond keeping text on the clients, and what the server could see."""
-    secure = config.secure_aggregation is not None
+    secure, encrypted = config.secure_aggregation is not None, config.homomorphic is not None
     report: dict[str, Any] = {
         "secure_aggregation": secure,
+        "homomorphic_encryption": encrypted,
         "differential_privacy": server.privacy is not None,
         "sample_level_dp": config.training.dp_sgd is not None,
     }
     if secure:
         report["server_sees"] = "only the sum of the updates of the clients that finished each round (SecAgg+)"
+    elif encrypted:
+        report["server_sees"] = (
+            "the clients' updates encrypted (CKKS) and their sum, decrypted by a client; never a plaintext update"
+        )
     else:
         report["server_sees"] = "every client's update"
     if config.training.dp_sgd is not None:
@@ -141,7 +146,7 @@ def privacy_report(server: FedServer, config: RunConfig, records: list[dict[str,
     )
     if settings.noise == "server":
         report["server_sees"] += " before clipping and noise: the server is trusted; the released model is private"
-    elif not secure:
+    elif not secure and not encrypted:
         report["server_sees"] += ", clipped and with its share of the noise; the sum carries the full noise"
     return report
 

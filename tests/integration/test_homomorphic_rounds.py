@@ -3,6 +3,8 @@ dropped and malformed clients, and what it refuses."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tenseal
 import torch
@@ -11,7 +13,7 @@ from conftest import fail_in_round
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.protocol import FitRes
-from fedlm.runtime import build_simulation
+from fedlm.runtime import build_simulation, run_federation
 
 
 def simulation(config_data_factory, encrypted: bool, **sections):
@@ -57,11 +59,14 @@ def test_a_failed_client_and_a_malformed_ciphertext_are_dropped_and_the_rest_are
     assert (encrypted.global_params - plain.global_params).abs().max() < 1e-5
 
 
-def test_homomorphic_aggregation_composes_with_client_side_dp(config_data_factory):
+def test_homomorphic_aggregation_composes_with_client_side_dp_and_the_summary_says_so(config_data_factory, tmp_path):
     dp = {"noise_multiplier": 1.0, "clip_norm": 0.5, "noise": "clients"}
-    history = simulation(config_data_factory, encrypted=True, dp=dp).server.fit(rounds=2)
+    history = run_federation(simulation(config_data_factory, encrypted=True, dp=dp))
     assert history[-1]["epsilon"] > history[0]["epsilon"] > 0
     assert all(record["homomorphic"]["finished"] == 3 for record in history)
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
+    assert report["homomorphic_encryption"] and not report["secure_aggregation"] and report["differential_privacy"]
+    assert "never a plaintext update" in report["server_sees"]
 
 
 @pytest.mark.parametrize(
