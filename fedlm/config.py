@@ -469,6 +469,11 @@ class RunConfig(Section):
                 raise ValueError(
                     "dp with LoRA needs aggregation fedit or ffa: stack and svd combine the clients' raw factors"
                 )
+        if self.training.dp_sgd is not None and self.peft is not None and not isinstance(self.peft, LoraConfig):
+            raise ValueError(
+                f"training.dp_sgd supports full fine-tuning and LoRA adapters, not peft.method {self.peft.method}: "
+                "Opacus cannot compute per-example gradients for its parameters"
+            )
         if self.secure_aggregation is not None and self.homomorphic is not None:
             raise ValueError("choose one of secure_aggregation and homomorphic: both hide the updates from the server")
         if self.secure_aggregation is not None:

@@ -71,6 +71,12 @@ class PrivateTraining:
         num_examples: int,
         batch_size: int,
     ) -> None:
+        adapter = getattr(model, "peft_config", {}).get("default")
+        if adapter is not None and adapter.peft_type != "LORA":
+            raise ConfigError(
+                f"DP-SGD (dp_sgd) supports full fine-tuning and LoRA adapters, not {adapter.peft_type.value}: Opacus "
+                "cannot compute per-example gradients for its parameters"
+            )
         opacus = _opacus()
         self.settings = settings
         self.num_examples = num_examples

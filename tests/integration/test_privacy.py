@@ -96,3 +96,9 @@ def test_dp_sgd_reports_each_clients_epsilon_every_round_and_resume_keeps_counti
     report = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
     assert report["sample_level_dp"] and not report["differential_privacy"]
     assert report["dp_sgd"]["epsilon_max"] == pytest.approx(epsilon_after(2)) and report["dp_sgd"]["clip_norm"] == 1.0
+
+
+def test_dp_sgd_with_an_adapter_opacus_cannot_handle_is_refused_before_training(config_data_factory):
+    data = config_data_factory(training={"dp_sgd": {"noise_multiplier": 1.0}}, peft={"method": "ia3"})
+    with pytest.raises(ConfigError, match="training.dp_sgd supports full fine-tuning and LoRA adapters, not peft"):
+        parse_config(data)

@@ -133,3 +133,16 @@ def test_bad_dp_sgd_settings_name_the_field(field, value, message):
     settings = {"noise_multiplier": 1.0, field: value}
     with pytest.raises(ConfigError, match=message):
         SampleLevelDP(**settings)
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt_tuning"])
+def test_adapters_without_per_example_gradients_are_refused_by_name(load_tiny, method):
+    import peft
+
+    from fedlm.models.adapters import add_adapter
+
+    config = peft.IA3Config() if method == "ia3" else peft.PromptTuningConfig(num_virtual_tokens=4)
+    model = add_adapter(load_tiny(), config, seed=0)
+    params = [param for param in model.parameters() if param.requires_grad]
+    with pytest.raises(ConfigError, match=f"supports full fine-tuning and LoRA adapters, not {method.upper()}"):
+        PrivateTraining(SampleLevelDP(noise_multiplier=1.0), model, torch.optim.SGD(params, lr=0.1), 10, 4)
