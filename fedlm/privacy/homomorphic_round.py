@@ -7,7 +7,9 @@ holder sees only the sum, as every client does once the new model is broadcast. 
 aggregation, a client that drops out after sending costs nothing (its ciphertext is simply not
 added); the price is size and time (about 80 bytes per value and 1.2 s per million values per
 client, BENCHMARKS.md) and trust in the clients to keep the shared secret key from the server.
-Each update is weighted before encryption as under secure aggregation.
+Each update is weighted before encryption as under secure aggregation. Like secure aggregation it
+assumes a server that follows the protocol: the key holder cannot tell the sum from one client's
+ciphertext that a dishonest server sent it instead.
 """
 
 from __future__ import annotations
@@ -56,16 +58,19 @@ def encrypted_fit(
     for name in sorted(replies):  # the first finished client that answers decrypts the sum
         ins = StageIns("he_decrypt", {"length": server.spec.numel}, summed)
         answer = server.transport.stage({name: ins}, deadline)[name]
-        if not isinstance(answer, str) and _is_sum(answer, server.spec.numel):
+        problem = answer if isinstance(answer, str) else _sum_problem(answer, server.spec.numel)
+        if problem is None:
             summary = {"clients": len(messages), "finished": len(replies), "decrypted_by": name}
             return answer.tensors["sum"], replies, dropped, summary
-        dropped[name] = f"homomorphic aggregation, decrypting the sum: {answer if isinstance(answer, str) else 'bad'}"
+        dropped[name] = f"homomorphic aggregation, decrypting the sum: {problem}"
     raise HomomorphicError("no client could decrypt the sum")
 
 
-def _is_sum(answer: StageRes, numel: int) -> bool:
+def _sum_problem(answer: StageRes, numel: int) -> str | None:
     vector = answer.tensors.get("sum")
-    return vector is not None and vector.dtype == torch.float32 and vector.shape == (numel,)
+    if vector is None or vector.dtype != torch.float32 or vector.shape != (numel,):
+        return f"the reply is not the sum as a float32 vector of {numel} values"
+    return None
 
 
 def ciphertexts(tensors: dict[str, torch.Tensor]) -> list[bytes]:
