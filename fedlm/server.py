@@ -505,11 +505,13 @@ class FedServer:
         if summed:  # the server gets only the sum of the updates
             secure_sum = self._summed_train(messages, round_number, updates, dropped, record)
         else:
-            for name, reply in self.transport.fit(messages, self._deadline()).items():
+            replies = self.transport.fit(messages, self._deadline())
+            for name, reply in replies.items():
                 if isinstance(reply, str):
                     self._drop(round_number, name, reply, dropped)
                 else:
                     self._accept(name, reply, updates, dropped)
+            record.update(_client_epsilons(replies))
         record.update({"clients": len(updates), "dropped": dropped})
 
         # 4. aggregate, or skip the round when too few clients remain
@@ -592,6 +594,7 @@ class FedServer:
             self._drop(round_number, name, reason, dropped)
         updates.extend(ClientUpdate(torch.zeros(0), reply.num_examples, reply.metrics) for reply in replies.values())
         record[key] = summary
+        record.update(_client_epsilons(replies))
         return total, sum(weights[name] for name in replies)
 
     def _drop(self, round_number: int, name: str, reason: str, dropped: list[dict[str, str]]) -> None:
@@ -680,6 +683,16 @@ def _build_label_map(model: torch.nn.Module, clients: list[FedClient]) -> LabelM
     for client in clients:
         client.set_label_map(label_map)
     return label_map
+
+
+def _client_epsilons(replies: dict[str, FitRes | str]) -> dict[str, dict[str, float]]:
+    """DP-SGD: each client's own epsilon after this round, by name (clients account for themselves)."""
+    epsilons = {
+        name: reply.metrics["dp_sgd_epsilon"]
+        for name, reply in replies.items()
+        if not isinstance(reply, str) and "dp_sgd_epsilon" in reply.metrics
+    }
+    return {"client_dp_sgd_epsilon": epsilons} if epsilons else {}
 
 
 def _train_summary(updates: list[ClientUpdate]) -> dict[str, float]:

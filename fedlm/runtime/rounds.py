@@ -155,10 +155,13 @@ def dp_sgd_report(config: RunConfig, records: list[dict[str, Any]]) -> dict[str,
     """Sample-level DP: each client's examples are protected by its own epsilon, the largest of
     which (over every round) holds for every client."""
     settings = config.training.dp_sgd
-    epsilons = [record["dp_sgd_epsilon_max"] for record in records if "dp_sgd_epsilon_max" in record]
+    latest: dict[str, float] = {}  # each client's epsilon after the last round it trained in
+    for record in records:
+        latest.update(record.get("client_dp_sgd_epsilon", {}))
     return {
         "level": "sample: each client trains with DP-SGD (per-example clipping and noise, Poisson-sampled steps)",
-        "epsilon_max": max(epsilons, default=0.0),
+        "epsilon_max": max(latest.values(), default=0.0),
+        "client_epsilon": dict(sorted(latest.items())),
         "delta": settings.delta,
         "accountant": settings.accountant,
         "noise_multiplier": settings.noise_multiplier,

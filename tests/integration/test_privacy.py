@@ -85,17 +85,22 @@ def test_dp_sgd_reports_each_clients_epsilon_every_round_and_resume_keeps_counti
     history = run_federation(simulation)
     sizes = [len(client.data) for client in simulation.server.clients]
 
-    def epsilon_after(rounds: int) -> float:  # each client: local_epochs * round(1/q) Poisson steps a round
-        return max(compute_epsilon(1.1, 10 / n, rounds * 2 * round(n / 10), 1e-5) for n in sizes)
+    def epsilon_after(rounds: int, n: int) -> float:  # local_epochs * round(n / batch) Poisson steps a round
+        return compute_epsilon(1.1, 10 / n, rounds * 2 * round(n / 10), 1e-5)
 
-    assert history[0]["dp_sgd_epsilon_max"] == pytest.approx(epsilon_after(1), rel=1e-9)
+    names = [client.name for client in simulation.server.clients]
+    expected = {name: epsilon_after(1, n) for name, n in zip(names, sizes)}
+    assert history[0]["client_dp_sgd_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert history[0]["dp_sgd_epsilon_max"] == pytest.approx(max(expected.values()), rel=1e-9)
     data["federation"]["rounds"] = 2
     resumed = build_simulation(parse_config(data))
     more = run_federation(resumed, resume=True)
-    assert more[-1]["dp_sgd_epsilon_max"] == pytest.approx(epsilon_after(2), rel=1e-9)
+    expected = {name: epsilon_after(2, n) for name, n in zip(names, sizes)}
+    assert more[-1]["client_dp_sgd_epsilon"] == pytest.approx(expected, rel=1e-9)
     report = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
     assert report["sample_level_dp"] and not report["differential_privacy"]
-    assert report["dp_sgd"]["epsilon_max"] == pytest.approx(epsilon_after(2)) and report["dp_sgd"]["clip_norm"] == 1.0
+    assert report["dp_sgd"]["client_epsilon"] == pytest.approx(expected) and report["dp_sgd"]["clip_norm"] == 1.0
+    assert report["dp_sgd"]["epsilon_max"] == pytest.approx(max(expected.values()))
 
 
 def test_dp_sgd_with_an_adapter_opacus_cannot_handle_is_refused_before_training(config_data_factory):
