@@ -29,7 +29,7 @@ def config(args: argparse.Namespace, private: bool) -> dict:
         "learning_rate": args.lr,
         "local_epochs": args.local_epochs,
         "max_length": 128,
-        "threads": 2,
+        "threads": args.threads,
     }
     if private:
         training["dp_sgd"] = {"noise_multiplier": args.noise, "clip_norm": args.clip, "delta": 1e-5}
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     rows = []
     for private in (False, True):

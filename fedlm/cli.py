@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fedlm.config import RunConfig, load_config, parse_config
 from fedlm.errors import ConfigError, FedlmError
-from fedlm.runtime.rounds import megabytes, round_line
+from fedlm.runtime.rounds import megabytes, privacy_line, round_line
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models."
@@ -85,6 +85,7 @@ def _run(config: RunConfig, resume: bool = False) -> None:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     console.print(bytes_table(summary))
+    console.print(privacy_line(summary["privacy"]))
     console.print(f"model saved to {Path(config.output_dir) / 'model'}")
 
 

@@ -170,6 +170,17 @@ def dp_sgd_report(config: RunConfig, records: list[dict[str, Any]]) -> dict[str,
     }
 
 
+def privacy_line(report: dict[str, Any]) -> str:
+    """The privacy report in one line: what the server saw and the epsilons spent."""
+    parts = [f"privacy: the server saw {report['server_sees']}"]
+    if report["differential_privacy"]:
+        parts.append(f"client-level DP epsilon {report['epsilon']:.2f} (delta {report['delta']:g})")
+    if report["sample_level_dp"]:
+        dp_sgd = report["dp_sgd"]
+        parts.append(f"DP-SGD epsilon up to {dp_sgd['epsilon_max']:.2f} per client (delta {dp_sgd['delta']:g})")
+    return "; ".join(parts)
+
+
 def megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 

@@ -25,6 +25,7 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     result = fedlm("run", "run.yaml", "--output-dir", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round 2/2" in result.stdout and "val acc" in result.stdout and "up " in result.stdout
+    assert "privacy: the server saw every client's update" in " ".join(result.stdout.split())
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and lines[-1]["clients_evaluated"] == 3 and "client_accuracy_p10" in lines[-1]

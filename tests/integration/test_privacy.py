@@ -11,6 +11,7 @@ from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.privacy.accounting import compute_epsilon, noise_for_epsilon
 from fedlm.runtime import build_simulation, run_federation
+from fedlm.runtime.rounds import privacy_line
 
 DP = {"noise_multiplier": 0.8, "clip_norm": 0.5, "delta": 1e-5}
 
@@ -32,6 +33,7 @@ def test_every_round_reports_the_accountants_epsilon_and_the_summary_says_what_w
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
     assert summary["epsilon"] == pytest.approx(expected[-1]) and summary["rounds_accounted"] == 3
     assert summary["noise_added_by"] == "the server" and "trusted" in summary["server_sees"]
+    assert f"client-level DP epsilon {expected[-1]:.2f} (delta 1e-05)" in privacy_line(summary)
 
 
 def test_max_epsilon_stops_before_the_budget_with_a_checkpoint_and_resume_reports_the_same_epsilon(
@@ -101,6 +103,7 @@ def test_dp_sgd_reports_each_clients_epsilon_every_round_and_resume_keeps_counti
     assert report["sample_level_dp"] and not report["differential_privacy"]
     assert report["dp_sgd"]["client_epsilon"] == pytest.approx(expected) and report["dp_sgd"]["clip_norm"] == 1.0
     assert report["dp_sgd"]["epsilon_max"] == pytest.approx(max(expected.values()))
+    assert f"DP-SGD epsilon up to {max(expected.values()):.2f} per client" in privacy_line(report)
 
 
 def test_dp_sgd_with_an_adapter_opacus_cannot_handle_is_refused_before_training(config_data_factory):
