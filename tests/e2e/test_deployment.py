@@ -224,7 +224,9 @@ def test_homomorphic_aggregation_over_flower_gives_the_plain_models_sum(
 def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
     deployment, write_config, client_files, tmp_path
 ):
-    config = write_config(federation={"rounds": 2, "round_timeout": 40, "min_clients": 2})
+    # the clients also train with DP-SGD: each node keeps its privacy spending in its node state
+    dp_sgd = {"noise_multiplier": 1.0, "clip_norm": 1.0}
+    config = write_config(federation={"rounds": 2, "round_timeout": 40, "min_clients": 2}, training={"dp_sgd": dp_sgd})
     start_nodes(deployment, client_files)
     run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "config" / "metrics.jsonl"
@@ -232,9 +234,11 @@ def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
     deployment.kill("gamma")
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output
-    second = read_metrics(tmp_path / "config")[2]
+    first, second = read_metrics(tmp_path / "config")[1:3]
     assert second["clients"] == 2 and "train_loss" in second and not second.get("skipped")
     assert [item["client"] for item in second["dropped"]] == ["gamma"]
+    for name in ("alpha", "beta"):  # a node that forgot its first round would report round 1's epsilon again
+        assert second["client_dp_sgd_epsilon"][name] > 1.1 * first["client_dp_sgd_epsilon"][name]
     assert "round 2: client gamma (node " in output and "dropped" in output
     assert (tmp_path / "config" / "model" / "model.safetensors").exists()
 
