@@ -45,6 +45,7 @@ class SampleLevelDP:
             raise ConfigError(f"dp_sgd.delta must be in (0, 1), got {self.delta!r}")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"dp_sgd.accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+        _opacus()  # a missing extra is reported when the client is made, not when it first trains
 
 
 def _opacus():

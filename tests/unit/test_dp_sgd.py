@@ -4,6 +4,7 @@ scale, Poisson sampling, and the client's epsilon against dp-accounting and Opac
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -146,3 +147,14 @@ def test_adapters_without_per_example_gradients_are_refused_by_name(load_tiny, m
     params = [param for param in model.parameters() if param.requires_grad]
     with pytest.raises(ConfigError, match=f"supports full fine-tuning and LoRA adapters, not {method.upper()}"):
         PrivateTraining(SampleLevelDP(noise_multiplier=1.0), model, torch.optim.SGD(params, lr=0.1), 10, 4)
+
+
+def test_missing_extras_are_named_before_any_training(monkeypatch):
+    from fedlm.privacy.homomorphic import HomomorphicKeys
+
+    monkeypatch.setitem(sys.modules, "opacus", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs Opacus: pip install 'fedlm\[dp\]'"):
+        SampleLevelDP(noise_multiplier=1.0)
+    monkeypatch.setitem(sys.modules, "tenseal", None)
+    with pytest.raises(ConfigError, match=r"needs TenSEAL: pip install 'fedlm\[he\]'"):
+        HomomorphicKeys()
