@@ -518,7 +518,9 @@ class FedServer:
         if len(updates) >= self.min_clients and (not summed or secure_sum is not None):
             record.update(self._aggregate(updates, round_number, secure_sum))
             if self.privacy is not None:  # a released aggregate: the round costs privacy
-                record.update(self.privacy.spend_round())
+                private = isinstance(self.strategy, DifferentialPrivacy)
+                noise = self.strategy.round_noise_multiplier(len(updates)) if private else None
+                record.update(self.privacy.spend_round(noise))
                 record.update({f"dp_{key}": value for key, value in getattr(self.strategy, "last_round", {}).items()})
         else:
             logger.warning(

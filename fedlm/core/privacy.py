@@ -97,6 +97,11 @@ class DifferentialPrivacy(Strategy):
             raise ValueError("noise_multiplier must be >= 0, clip_norm and expected_clients > 0")
         if noise not in NOISE_PLACEMENTS:
             raise ValueError(f"noise must be one of {list(NOISE_PLACEMENTS)}, got {noise!r}")
+        if adaptive is not None and noise == "clients":
+            raise ValueError(
+                "adaptive clipping counts the updates the server clipped; with noise 'clients' the clients clip "
+                "and the server cannot tell (use noise 'server', or a fixed clip_norm)"
+            )
         super().__init__()
         self.strategy = strategy or FedAvg()
         self.noise_multiplier = noise_multiplier
@@ -132,19 +137,33 @@ class DifferentialPrivacy(Strategy):
 
     def private_mean(self, vectors: list[torch.Tensor]) -> torch.Tensor:
         """(sum of the clipped vectors + the server's noise) / expected clients; also what
-        federated distillation privatizes the clients' probabilities with."""
+        federated distillation privatizes the clients' probabilities with. With noise on the
+        clients the vectors arrive clipped and noised: they are summed as they are (clipping a
+        noised vector again would shrink the noise it carries)."""
+        if self.noise == "clients":
+            self.rounds += 1
+            self.last_round = {"clip_norm": self.clip_norm}
+            return weighted_sum(vectors, [1.0] * len(vectors)).div_(self.expected_clients)
         self.rounds += 1
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "dp noise", self.rounds))
         norms = [float(vector.norm()) for vector in vectors]
         unclipped = sum(norm <= self.clip_norm for norm in norms)
         scales = [min(1.0, self.clip_norm / norm) if norm > 0 else 1.0 for norm in norms]
         total = weighted_sum(vectors, scales)  # the sum of the clipped vectors
-        if self.noise == "server" and self.noise_std > 0:
+        if self.noise_std > 0:
             total.add_(torch.randn(total.shape, generator=generator, dtype=total.dtype), alpha=self.noise_std)
         self.last_round = {"clip_norm": self.clip_norm, "unclipped_fraction": unclipped / len(vectors)}
         if self.adaptive is not None:
             self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
         return total.div_(self.expected_clients)
+
+    def round_noise_multiplier(self, finished: int) -> float:
+        """The noise multiplier a round actually had: with noise on the clients, each of the
+        expected m clients adds a share of variance 1/m, so when only `finished` < m updates
+        reach the sum the noise is z sqrt(finished / m)."""
+        if self.noise == "clients" and finished < self.expected_clients:
+            return self.noise_multiplier * math.sqrt(finished / self.expected_clients)
+        return self.noise_multiplier
 
     def aggregate_sum(self, global_params: torch.Tensor, total: torch.Tensor, num_examples: int) -> torch.Tensor:
         """The step when secure aggregation hands over only the sum of the clients' updates,

@@ -138,10 +138,15 @@ class RoundAccounting:
         self.delta = delta
         self.max_epsilon = max_epsilon
 
-    def spend_round(self) -> dict[str, float]:
-        """Account one more round; the epsilon and delta after it."""
-        self.accountant.step(self.noise_multiplier, self.sampling_rate)
-        return {"epsilon": self.accountant.epsilon(self.delta), "delta": self.delta}
+    def spend_round(self, noise_multiplier: float | None = None) -> dict[str, float]:
+        """Account one more round, at the configured noise multiplier or the lower one the round
+        actually had (client-side noise with dropouts); the epsilon and delta after it."""
+        round_noise = self.noise_multiplier if noise_multiplier is None else noise_multiplier
+        self.accountant.step(round_noise, self.sampling_rate)
+        spent = {"epsilon": self.accountant.epsilon(self.delta), "delta": self.delta}
+        if round_noise != self.noise_multiplier:
+            spent["dp_round_noise_multiplier"] = round_noise
+        return spent
 
     def next_round_exceeds_budget(self) -> float | None:
         """The epsilon one more round would reach, when that is over `max_epsilon`; else None."""

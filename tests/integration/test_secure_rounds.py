@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from conftest import fail_in_round
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
+from fedlm.privacy.accounting import PrivacyAccountant, compute_epsilon
 from fedlm.runtime import build_simulation
 
 
@@ -61,6 +64,19 @@ def test_secure_aggregation_composes_with_client_side_dp(config_data_factory):
     history = simulation(config_data_factory, secure=True, dp=dp).server.fit(rounds=2)
     assert history[-1]["epsilon"] > history[0]["epsilon"] > 0
     assert all(record["secure_aggregation"]["finished"] == 4 for record in history)
+
+
+def test_a_dropout_under_client_side_noise_is_accounted_at_the_noise_that_reached_the_sum(config_data_factory):
+    dp = {"noise_multiplier": 1.0, "clip_norm": 0.5, "noise": "clients"}
+    secure = simulation(config_data_factory, secure=True, dp=dp).server
+    fail_in_round(secure, {"client-2"}, 2)
+    history = secure.fit(rounds=2)
+    assert history[1]["clients"] == 3 and history[1]["dp_round_noise_multiplier"] == pytest.approx(math.sqrt(3 / 4))
+    accountant = PrivacyAccountant()
+    accountant.step(1.0, 1.0)  # every client takes part: q = 1
+    accountant.step(math.sqrt(3 / 4), 1.0)  # three of four noise shares reached the sum
+    assert history[1]["epsilon"] == pytest.approx(accountant.epsilon(1e-5), rel=1e-9)
+    assert history[1]["epsilon"] > compute_epsilon(1.0, 1.0, 2, 1e-5)
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,8 @@ def test_client_noise_is_a_share_sent_in_the_round_config_and_the_server_adds_no
     private = DifferentialPrivacy(noise_multiplier=2.0, clip_norm=1.0, expected_clients=16, noise="clients")
     config, _ = private.configure_fit(torch.zeros(3))
     assert config == {"dp_clip_norm": 1.0, "dp_noise_std": pytest.approx(2.0 / 4)}  # 16 shares of variance (zC)^2 / 16
-    assert torch.equal(
-        private.aggregate(torch.zeros(3), [ClientUpdate(torch.ones(3), 1)]), torch.ones(3) / math.sqrt(3) / 16
-    )
+    # the client clipped and noised it: the server neither clips again nor adds noise
+    assert torch.equal(private.aggregate(torch.zeros(3), [ClientUpdate(torch.ones(3), 1)]), torch.ones(3) / 16)
 
 
 def test_adaptive_clipping_moves_the_norm_geometrically_towards_the_quantile():
@@ -79,3 +78,22 @@ def test_a_client_clips_and_adds_its_noise_share_from_unpredictable_randomness()
     assert float((first - clipped).std()) == pytest.approx(0.2, rel=0.02)
     assert float((first - clipped).mean()) == pytest.approx(0.0, abs=0.005)
     assert not torch.equal(first, second)  # not from a seed the server could know
+
+
+def test_with_noise_on_the_clients_the_server_sums_without_clipping_again():
+    # the clients clipped and noised: a noised update's norm is mostly noise, and clipping it again
+    # would shrink the noise the accountant counts on
+    private = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=1.0, expected_clients=4, noise="clients")
+    vectors = [torch.full((100,), 3.0), torch.full((100,), -1.0)]  # norms 30 and 10
+    torch.testing.assert_close(private.private_mean(vectors), torch.full((100,), 0.5))
+
+
+def test_dropouts_under_client_side_noise_lower_the_rounds_noise_multiplier():
+    private = DifferentialPrivacy(noise_multiplier=1.2, clip_norm=1.0, expected_clients=8, noise="clients")
+    assert private.round_noise_multiplier(8) == 1.2
+    assert private.round_noise_multiplier(6) == pytest.approx(1.2 * math.sqrt(6 / 8))  # 6 shares of variance 1/8
+    server_side = DifferentialPrivacy(noise_multiplier=1.2, clip_norm=1.0, expected_clients=8)
+    assert server_side.round_noise_multiplier(6) == 1.2  # the server adds all of it
+    with pytest.raises(ValueError, match="adaptive clipping counts the updates the server clipped"):
+        DifferentialPrivacy(noise_multiplier=1.0, clip_norm=1.0, expected_clients=8, noise="clients",
+                            adaptive=AdaptiveClipping())  # fmt: skip
