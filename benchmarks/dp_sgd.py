@@ -24,11 +24,17 @@ from fedlm.runtime import build_simulation
 
 
 def config(args: argparse.Namespace, private: bool) -> dict:
+    targets = [
+        f"encoder.layer.{layer}.attention.self.{projection}"
+        for layer in args.lora_layers
+        for projection in ("query", "value")
+    ]
     training = {
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
+        "optimizer": args.optimizer,
         "local_epochs": args.local_epochs,
-        "max_length": 128,
+        "max_length": args.max_length,
         "threads": args.threads,
     }
     if private:
@@ -45,7 +51,8 @@ def config(args: argparse.Namespace, private: bool) -> dict:
         },
         "federation": {"rounds": args.rounds, "clients_per_evaluation": 0},
         "training": training,
-        "peft": {"method": "lora", "r": 8},
+        "peft": {"method": "lora", "r": args.lora_rank, "aggregation": "ffa", "target_modules": targets},
+        "strategy": {"kind": "fedavgm", "server_lr": 1.0, "momentum": args.momentum},
     }
 
 
@@ -53,16 +60,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--noise", type=float, default=1.0)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--momentum", type=float, default=0.9, help="the server's (FedAvgM)")
+    parser.add_argument("--lora-rank", type=int, default=1)
+    parser.add_argument("--lora-layers", type=int, nargs="+", default=[5], help="encoder layers (0-5) adapted")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--noise", type=float, default=1.2)
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--private-only", action="store_true", help="skip the non-private run")
     args = parser.parse_args()
     rows = []
-    for private in (False, True):
+    for private in (True,) if args.private_only else (False, True):
         simulation = build_simulation(parse_config(config(args, private)))
         start = time.perf_counter()
         history = simulation.server.fit(args.rounds, args.local_epochs, None, simulation.validation, 0)
@@ -79,7 +92,7 @@ def main() -> None:
         )
     table = Table(
         title=f"{args.clients} clients of {int(args.examples * 0.8) // args.clients} articles, {args.rounds} rounds, "
-        f"LoRA r=8, batch {args.batch_size}"
+        f"FFA LoRA r={args.lora_rank} on layers {args.lora_layers}, {args.optimizer} lr {args.lr}, batch {args.batch_size}"
     )
     for column in ("run", "val acc", "accuracy by round", "client epsilon (delta 1e-5)", "train s / round"):
         table.add_column(column, justify="left" if column in ("run", "accuracy by round") else "right")
