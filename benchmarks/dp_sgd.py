@@ -2,11 +2,13 @@
 bundled model and dataset: accuracy, each client's epsilon, and what per-example gradients cost.
 
 Organisations, not users: BBC News split IID into `--clients` clients of a few hundred articles,
-all of them in every round, all-MiniLM-L6-v2 with a LoRA adapter (r = 8 on query and value, FedIT
-averaging; the adapter and the head train). The private run trains each client with DP-SGD:
-Poisson-sampled batches of expected size `--batch-size`, every example's gradient clipped to
-`--clip`, Gaussian noise with multiplier `--noise`; each client's epsilon at delta 1e-5 comes from
-its own RDP accountant. Prints a table and writes benchmarks/results/dp_sgd.json. Not a test.
+all of them in every round, all-MiniLM-L6-v2 with an FFA LoRA adapter (A frozen) of rank
+`--lora-rank` on the query and value projections of `--lora-layers`, local SGD, FedAvgM on the
+server. DP-SGD's noise falls on every trainable value, so a small adapter keeps its norm small.
+The private run trains each client with DP-SGD: Poisson-sampled batches of expected size
+`--batch-size`, every example's gradient clipped to `--clip`, Gaussian noise with multiplier
+`--noise`; each client's epsilon at delta 1e-5 comes from its own RDP accountant. Prints a table
+and writes benchmarks/results/dp_sgd.json. Not a test.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    parser.add_argument("--lr", type=float, default=1.0)
-    parser.add_argument("--momentum", type=float, default=0.9, help="the server's (FedAvgM)")
+    parser.add_argument("--lr", type=float, default=2.0)
+    parser.add_argument("--momentum", type=float, default=0.5, help="the server's (FedAvgM)")
     parser.add_argument("--lora-rank", type=int, default=1)
     parser.add_argument("--lora-layers", type=int, nargs="+", default=[5], help="encoder layers (0-5) adapted")
     parser.add_argument("--max-length", type=int, default=64)
