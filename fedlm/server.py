@@ -687,27 +687,23 @@ def _build_label_map(model: torch.nn.Module, clients: list[FedClient]) -> LabelM
     return label_map
 
 
-def _client_epsilons(replies: dict[str, FitRes | str]) -> dict[str, dict[str, float]]:
-    """DP-SGD: each client's own epsilon after this round, by name (clients account for themselves)."""
-    epsilons = {
-        name: reply.metrics["dp_sgd_epsilon"]
-        for name, reply in replies.items()
-        if not isinstance(reply, str) and "dp_sgd_epsilon" in reply.metrics
-    }
-    return {"client_dp_sgd_epsilon": epsilons} if epsilons else {}
+def _client_epsilons(replies: dict[str, FitRes | str]) -> dict[str, Any]:
+    """DP-SGD: each client's own epsilon after this round, by name (clients account for
+    themselves), and the largest, which holds for every client."""
+    trained = [(name, reply.metrics) for name, reply in replies.items() if not isinstance(reply, str)]
+    epsilons = {name: metrics["dp_sgd_epsilon"] for name, metrics in trained if "dp_sgd_epsilon" in metrics}
+    if not epsilons:
+        return {}
+    delta = max(metrics["dp_sgd_delta"] for _, metrics in trained if "dp_sgd_delta" in metrics)
+    return {"client_dp_sgd_epsilon": epsilons, "dp_sgd_epsilon_max": max(epsilons.values()), "dp_sgd_delta": delta}
 
 
 def _train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
     total = sum(update.num_examples for update in updates)
     losses = [(update.metrics.get("loss", math.nan), update.num_examples) for update in updates]
-    summary = {
+    return {
         "train_loss": sum(loss * n for loss, n in losses) / total,
         "train_examples": total,
         "train_seconds": sum(update.metrics.get("seconds", 0.0) for update in updates),
         "train_seconds_max": max(update.metrics.get("seconds", 0.0) for update in updates),  # clients in parallel
     }
-    epsilons = [update.metrics["dp_sgd_epsilon"] for update in updates if "dp_sgd_epsilon" in update.metrics]
-    if epsilons:  # DP-SGD: each client's own epsilon; the largest is the federation's guarantee
-        summary["dp_sgd_epsilon_max"] = max(epsilons)
-        summary["dp_sgd_delta"] = max(update.metrics.get("dp_sgd_delta", 0.0) for update in updates)
-    return summary
