@@ -20,6 +20,15 @@ TOPIC_WORDS = {
 FILLER = "the a of to in and is was for on with as by at from it this that said new one year people time".split()
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A run config's `training.threads` sets torch's thread count for the whole process: put it
+    back after each test, so that results never depend on which tests ran before."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_fedlm(*args: str, cwd: Path, timeout: int = 600):
     """Run the `fedlm` command as a user does, in `cwd`; returns the completed process."""
     import subprocess
