@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
-from fedlm import wire
+from fedlm import gate, wire
 from fedlm.core.compression import Codec, codec_from_spec, codec_spec
 from fedlm.errors import WireError
 
@@ -46,13 +46,22 @@ def _pack(name: str, value: torch.Tensor | Compressed, tensors: dict, meta: dict
         tensors[name] = value
 
 
-def _unpack(name: str, tensors: dict, meta: dict) -> torch.Tensor:
-    """Remove `name` (or its codec parts) from `tensors` and its codec from `meta`; the dense vector."""
+def _unpack(name: str, tensors: dict, meta: dict) -> torch.Tensor | Compressed:
+    """Remove `name` (or its codec parts) from `tensors` and its codec from `meta`: the vector,
+    or its `Compressed` parts (decoded by the receiver once it has checked the declared size)."""
     spec = meta.pop(f"{name}_codec", None)
     if spec is None:
+        if name not in tensors:
+            raise WireError(f"the message has no {name!r} tensor")
         return tensors.pop(name)
+    spec = dict(gate.mapping(spec, f"{name}_codec"))
+    numel = gate.integer(spec.pop("numel", None), f"{name}_codec.numel")
+    try:
+        codec_from_spec(spec)
+    except (TypeError, ValueError) as error:
+        raise WireError(f"{name}_codec: {error}") from None
     parts = {key[len(name) + 1 :]: tensors.pop(key) for key in list(tensors) if key.startswith(f"{name}.")}
-    return Compressed(spec, parts, int(spec["numel"])).decode()
+    return Compressed(spec, parts, numel)
 
 
 class WireMessage:
@@ -98,6 +107,8 @@ class _Instructions(WireMessage):
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Self:
         tensors, meta = dict(tensors), dict(meta)
         parameters = _unpack("parameters", tensors, meta)
+        if isinstance(parameters, Compressed):  # from the server, which knows the size it sends
+            parameters = parameters.decode()
         return cls(parameters=parameters, config=meta, tensors=tensors)
 
     def to_bytes(self) -> bytes:
@@ -122,7 +133,7 @@ class EvaluateIns(_Instructions):
 class FitRes(WireMessage):
     """A client's update (delta from the parameters it received), its example count and metrics."""
 
-    delta: torch.Tensor | Compressed  # Compressed only on the sending side
+    delta: torch.Tensor | Compressed  # Compressed as sent: `gate.checked_update` decodes it
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's control delta
@@ -138,7 +149,12 @@ class FitRes(WireMessage):
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> FitRes:
         extras, meta = dict(tensors), dict(meta)
         delta = _unpack("delta", extras, meta)
-        return cls(delta=delta, num_examples=int(meta["num_examples"]), metrics=meta["metrics"], extras=extras)
+        return cls(
+            delta=delta,
+            num_examples=gate.integer(meta.get("num_examples"), "num_examples"),
+            metrics=gate.metrics(meta.get("metrics")),
+            extras=extras,
+        )
 
 
 @dataclass
@@ -153,7 +169,10 @@ class EvaluateRes(WireMessage):
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> EvaluateRes:
-        return cls(num_examples=int(meta["num_examples"]), metrics=meta["metrics"])
+        return cls(
+            num_examples=gate.integer(meta.get("num_examples"), "num_examples"),
+            metrics=gate.metrics(meta.get("metrics")),
+        )
 
 
 @dataclass
@@ -184,11 +203,11 @@ class ClientInfo(WireMessage):
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> ClientInfo:
         return cls(
-            str(meta["name"]),
-            int(meta["num_examples"]),
-            int(meta["num_test_examples"]),
-            list(meta["labels"]),
-            None if meta.get("lora_rank") is None else int(meta["lora_rank"]),
+            gate.text(meta.get("name"), "name"),
+            gate.integer(meta.get("num_examples"), "num_examples"),
+            gate.integer(meta.get("num_test_examples"), "num_test_examples"),
+            gate.text_list(meta.get("labels"), "labels", gate.MAX_LABELS),
+            gate.optional_integer(meta.get("lora_rank"), "lora_rank", minimum=1, maximum=1 << 16),
         )
 
 
@@ -208,7 +227,9 @@ class StageIns(WireMessage):
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StageIns:
-        return cls(str(meta["stage"]), dict(meta["config"]), dict(tensors))
+        return cls(
+            gate.text(meta.get("stage"), "stage"), dict(gate.mapping(meta.get("config"), "config")), dict(tensors)
+        )
 
 
 @dataclass
@@ -225,7 +246,7 @@ class StageRes(WireMessage):
 
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> StageRes:
-        return cls(dict(meta), dict(tensors))
+        return cls(dict(gate.mapping(meta, "metadata")), dict(tensors))
 
 
 def as_bytes(tensor: torch.Tensor) -> bytes:
@@ -339,8 +360,10 @@ class LoopbackTransport:
 
 
 def decode_reply(reply_type: type[WireMessage], data: bytes) -> WireMessage | str:
-    """The decoded reply, or why it cannot be decoded."""
+    """The decoded reply, or why it cannot be decoded (the validation gate's reason)."""
     try:
         return reply_type.from_bytes(data)
-    except (WireError, KeyError, TypeError, ValueError) as error:
+    except WireError as error:
+        return f"malformed reply: {error}"
+    except Exception as error:  # a gap in the gate must still not end the run
         return f"undecodable reply: {type(error).__name__}: {error}"

@@ -34,7 +34,8 @@ from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import load_text_dataset
 from fedlm.data.labels import LabelMap
 from fedlm.distillation import EnsembleDistillation, FederatedDistillation
-from fedlm.errors import ConfigError, FedlmError, ModelError
+from fedlm.errors import ConfigError, FedlmError, ModelError, WireError
+from fedlm.gate import checked_evaluation, checked_update
 from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
@@ -51,6 +52,7 @@ logger = logging.getLogger("fedlm")
 # step (A is frozen, not federated); stack folds the exact average of the products into the base
 # weights; svd re-factors it to the global rank. stack and svd accept clients of lower ranks.
 LORA_AGGREGATIONS = ("fedit", "ffa", "stack", "svd")
+CLIENT_METRICS = ("accuracy", "macro_f1")  # what every client's evaluation reports, summarized per round
 
 
 class FedServer:
@@ -153,8 +155,13 @@ class FedServer:
         self.lora_scalings = lora_scalings(model) if self.lora_pairs else {}
         self.lora_rank = max((pair.a_shape[0] for pair in self.lora_pairs), default=0)
         self.layouts = {} if self.distillation else self._client_layouts()
+        # what each client declared when it joined (a FedClient's data is here): replies may not claim more
         self._examples = {
             client.name: len(client.data) if isinstance(client, FedClient) else client.num_examples
+            for client in clients
+        }
+        self._test_examples = {
+            client.name: len(client.test_data or []) if isinstance(client, FedClient) else client.num_test_examples
             for client in clients
         }
         self._eval_model: torch.nn.Module | None = None
@@ -465,17 +472,22 @@ class FedServer:
             messages = self._messages(names, EvaluateIns, {"round": self.round}, {}, compress=False)
         results = []
         for name, reply in self.transport.evaluate(messages, self._deadline()).items():
-            if isinstance(reply, str):
+            try:
+                if isinstance(reply, str):
+                    raise WireError(reply)
+                metrics = checked_evaluation(reply, self._test_examples[name], CLIENT_METRICS)
+            except WireError as error:
                 logger.warning(
-                    "round %d: client %s failed to evaluate: %s", self.round, self.transport.describe(name), reply
+                    "round %d: client %s failed to evaluate: %s", self.round, self.transport.describe(name), error
                 )
-            elif reply.num_examples > 0:
-                results.append({"client": name, "num_examples": reply.num_examples, **reply.metrics})
+                continue
+            if reply.num_examples > 0:
+                results.append({"client": name, "num_examples": reply.num_examples, **metrics})
         if not results:
             return {}
         summary: dict[str, Any] = {"clients_evaluated": len(results)}
         weights = [result["num_examples"] for result in results]
-        for metric in ("accuracy", "macro_f1"):
+        for metric in CLIENT_METRICS:
             distribution = metric_distribution([result[metric] for result in results], weights)
             summary.update({f"client_{metric}_{key}": value for key, value in distribution.items()})
         summary["client_test"] = results
@@ -594,7 +606,8 @@ class FedServer:
             return None
         for name, reason in failed.items():
             self._drop(round_number, name, reason, dropped)
-        updates.extend(ClientUpdate(torch.zeros(0), reply.num_examples, reply.metrics) for reply in replies.values())
+        # the counts the weights were made from, not the replies' own claims
+        updates.extend(ClientUpdate(torch.zeros(0), examples[name], reply.metrics) for name, reply in replies.items())
         record[key] = summary
         record.update(_client_epsilons(replies))
         return total, sum(weights[name] for name in replies)
@@ -604,28 +617,19 @@ class FedServer:
         dropped.append({"client": name, "reason": reason})
 
     def _accept(self, name: str, result: FitRes, updates: list[ClientUpdate], dropped: list[dict[str, str]]) -> None:
-        layout = self.layouts.get(name)
-        problem = self._update_problem(result, self.upload_numel(name))
-        if problem:
-            self._drop(self.round + 1, name, problem, dropped)
+        """Through the validation gate (`fedlm.gate.checked_update`) into the global layout; a
+        reply that fails it drops the client, naming the reason."""
+        try:
+            delta, num_examples, metrics, extras = checked_update(result, self.upload_numel(name), self._examples[name])
+        except WireError as error:
+            self._drop(self.round + 1, name, str(error), dropped)
             return
-        delta, extras = result.delta, result.extras
+        layout = self.layouts.get(name)
         if layout is not None:  # into the global layout: the client's factors, then their difference
             trained = layout.restrict(self.global_params, upload=True) + delta
             delta = layout.embed(trained, self.global_params) - self.global_params
             extras = {key: layout.embed(value, torch.zeros_like(self.global_params)) for key, value in extras.items()}
-        updates.append(ClientUpdate(delta, result.num_examples, result.metrics, extras))
-
-    @staticmethod
-    def _update_problem(result: FitRes, numel: int) -> str | None:
-        for name, vector in {"update": result.delta, **result.extras}.items():
-            if vector.dtype != torch.float32 or vector.dim() != 1 or vector.numel() != numel:
-                return f"{name} has dtype {vector.dtype} and shape {list(vector.shape)}, expected float32 [{numel}]"
-            if not torch.isfinite(vector.sum()) and not torch.isfinite(vector).all():  # fast path first
-                return f"{name} contains NaN or infinite values"
-        if result.num_examples < 1:
-            return f"update reports {result.num_examples} training examples, expected >= 1"
-        return None
+        updates.append(ClientUpdate(delta, num_examples, metrics, extras))
 
     def _deadline(self) -> float | None:
         return None if self.round_timeout is None else time.monotonic() + self.round_timeout

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 CAST_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_INT8_BLOCK = 1 << 24
 
 
 class Codec:
@@ -134,15 +135,22 @@ def _checked(values: torch.Tensor, numel: int) -> torch.Tensor:
 
 
 def codec_from_spec(spec: dict) -> Codec:
-    """A codec from its JSON description, as configs and message headers carry it."""
+    """A codec from its JSON description, as configs and message headers carry it; ValueError
+    for anything else (a header comes from another party: every field is checked)."""
     kind = spec.get("kind")
     if kind in CAST_DTYPES:
         return CastCodec(kind)
     if kind == "int8":
-        return Int8Codec(block=int(spec.get("block", 2048)))
+        block = spec.get("block", 2048)
+        if isinstance(block, bool) or not isinstance(block, int) or not 1 <= block <= MAX_INT8_BLOCK:
+            raise ValueError(f"int8 codec block must be an integer in [1, {MAX_INT8_BLOCK}], got {block!r:.40}")
+        return Int8Codec(block=block)
     if kind == "topk":
-        return TopKCodec(fraction=float(spec.get("fraction", 0.01)))
-    raise ValueError(f"unknown codec {kind!r}; known: float16, bfloat16, int8, topk")
+        fraction = spec.get("fraction", 0.01)
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float):
+            raise ValueError(f"top-k fraction must be a number, got {fraction!r:.40}")
+        return TopKCodec(fraction=float(fraction))
+    raise ValueError(f"unknown codec {kind!r:.40}; known: float16, bfloat16, int8, topk")
 
 
 def codec_spec(codec: Codec) -> dict:

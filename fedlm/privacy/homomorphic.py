@@ -54,7 +54,7 @@ class HomomorphicKeys:
             raise ConfigError(f"{path} holds a public context without the secret key: give the clients he-secret.ctx")
         keys = cls.__new__(cls)
         keys.context = context
-        keys.slots = context.data.seal_context().key_context_data().parms().poly_modulus_degree() // 2
+        keys.slots = _slots(context)
         return keys
 
     def save(self, folder: str | Path) -> dict[str, Path]:
@@ -114,17 +114,25 @@ def read_public_context(path: str | Path | None) -> bytes:
     return data
 
 
-class EncryptedSum:
-    """The server's running sum of encrypted updates: with the public context it can add
-    ciphertexts, never decrypt them. `add` raises ValueError for bytes that are not ciphertexts of
-    this context, or a count that differs from the first update's."""
+def _slots(context) -> int:
+    return context.data.seal_context().key_context_data().parms().poly_modulus_degree() // 2
 
-    def __init__(self, public_context: bytes) -> None:
+
+class EncryptedSum:
+    """The server's running sum of encrypted vectors of `length` values: with the public context
+    it can add ciphertexts, never decrypt them. `add` raises ValueError for a count of
+    ciphertexts other than `length` needs (the server's own knowledge, not a client's claim) and
+    for bytes that are not ciphertexts of this context."""
+
+    def __init__(self, public_context: bytes, length: int) -> None:
         self._ts = _tenseal()
         self.context = self._ts.context_from(public_context)
+        self.chunks = -(-length // _slots(self.context))
         self.totals: list | None = None
 
     def add(self, chunks: list[bytes]) -> None:
+        if len(chunks) != self.chunks:
+            raise ValueError(f"{len(chunks)} ciphertexts, expected {self.chunks} for the run's vector size")
         try:
             vectors = [self._ts.ckks_vector_from(self.context, chunk) for chunk in chunks]
         except Exception as error:  # TenSEAL raises several kinds for malformed bytes
@@ -132,8 +140,6 @@ class EncryptedSum:
         if self.totals is None:
             self.totals = vectors
             return
-        if len(vectors) != len(self.totals):
-            raise ValueError(f"{len(vectors)} ciphertexts, expected {len(self.totals)} like the other clients")
         for total, vector in zip(self.totals, vectors):
             total += vector
 
@@ -141,9 +147,9 @@ class EncryptedSum:
         return [total.serialize() for total in self.totals or []]
 
 
-def add_encrypted(public_context: bytes, updates: list[list[bytes]]) -> list[bytes]:
-    """The chunk-wise sum of the clients' encrypted updates, still encrypted."""
-    total = EncryptedSum(public_context)
+def add_encrypted(public_context: bytes, updates: list[list[bytes]], length: int) -> list[bytes]:
+    """The chunk-wise sum of the clients' encrypted updates of `length` values, still encrypted."""
+    total = EncryptedSum(public_context, length)
     for chunks in updates:
         total.add(chunks)
     return total.ciphertexts()

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlm.errors import FedlmError
+from fedlm import gate
+from fedlm.errors import FedlmError, WireError
 from fedlm.privacy.homomorphic import EncryptedSum, HomomorphicKeys
 from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes, from_bytes
 
@@ -41,7 +42,8 @@ def encrypted_fit(
         name: FitIns(ins.parameters, {**ins.config, "homomorphic": {"weight": weights[name]}}, ins.tensors)
         for name, ins in messages.items()
     }
-    total = EncryptedSum(server.homomorphic_context)
+    length = server.spec.numel + 1  # the weighted update, then its weight: the sum's integrity check
+    total = EncryptedSum(server.homomorphic_context, length)
     replies: dict[str, FitRes] = {}
     dropped: dict[str, str] = {}
     for name, reply in server.transport.fit(encrypted, deadline).items():
@@ -55,36 +57,55 @@ def encrypted_fit(
     if not replies:
         raise HomomorphicError("no client sent a valid encrypted update")
     summed = {f"ciphertext.{index}": from_bytes(chunk) for index, chunk in enumerate(total.ciphertexts())}
+    expected_weight = sum(weights[name] for name in replies)
     for name in sorted(replies):  # the first finished client that answers decrypts the sum
-        ins = StageIns("he_decrypt", {"length": server.spec.numel}, summed)
+        ins = StageIns("he_decrypt", {"length": length}, summed)
         answer = server.transport.stage({name: ins}, deadline)[name]
-        problem = answer if isinstance(answer, str) else _sum_problem(answer, server.spec.numel)
+        problem = answer if isinstance(answer, str) else _sum_problem(answer, length)
         if problem is None:
+            decrypted = answer.tensors["sum"]
+            _check_integrity(decrypted, expected_weight)
             summary = {"clients": len(messages), "finished": len(replies), "decrypted_by": name}
-            return answer.tensors["sum"], replies, dropped, summary
+            return decrypted[:-1], replies, dropped, summary
         dropped[name] = f"homomorphic aggregation, decrypting the sum: {problem}"
     raise HomomorphicError("no client could decrypt the sum")
 
 
-def _sum_problem(answer: StageRes, numel: int) -> str | None:
+def _sum_problem(answer: StageRes, length: int) -> str | None:
     vector = answer.tensors.get("sum")
-    if vector is None or vector.dtype != torch.float32 or vector.shape != (numel,):
-        return f"the reply is not the sum as a float32 vector of {numel} values"
+    if set(answer.tensors) != {"sum"} or vector.dtype != torch.float32 or vector.shape != (length,):
+        return f"the reply is not the sum as a float32 vector of {length} values"
     return None
 
 
+def _check_integrity(decrypted: torch.Tensor, expected_weight: float) -> None:
+    """Refuse a sum that cannot be the sum of the replies the server added: every client appends
+    its weight to its update, so the last value must be the known total weight (to within CKKS's
+    error), and every value must be finite. A ciphertext under another key, or corrupted, decrypts
+    to noise of order 1e30 and fails this. Which client sent it cannot be told from the sum."""
+    found = float(decrypted[-1])
+    if not torch.isfinite(decrypted).all() or abs(found - expected_weight) > 1e-3 * max(1.0, expected_weight):
+        raise HomomorphicError(
+            f"the decrypted sum failed its integrity check (total weight {found:.6g}, expected "
+            f"{expected_weight:.6g}): some client encrypted under another key or sent corrupted ciphertexts"
+        )
+
+
 def ciphertexts(tensors: dict[str, torch.Tensor]) -> list[bytes]:
-    """The `ciphertext.0`, `ciphertext.1`, ... byte strings of a message, in order."""
-    count = sum(key.startswith("ciphertext.") for key in tensors)
+    """The `ciphertext.0`, `ciphertext.1`, ... byte strings of a message, in order; ValueError
+    for any other tensor, a gap in the numbering, or a tensor that is not a byte string."""
+    count = len(tensors)
     try:
-        return [as_bytes(tensors[f"ciphertext.{index}"]) for index in range(count)]
-    except KeyError as error:
-        raise ValueError(f"ciphertexts are not numbered 0..{count - 1}: {error} is missing") from None
+        return [as_bytes(gate.byte_string(tensors, f"ciphertext.{index}")) for index in range(count)]
+    except WireError as error:
+        raise ValueError(f"expected byte strings ciphertext.0..{count - 1} only: {error}") from None
 
 
 def encrypted_update(keys: HomomorphicKeys, delta: torch.Tensor, weight: float) -> dict[str, torch.Tensor]:
-    """A client's weighted delta as ciphertexts, the tensors its reply carries instead of the delta."""
-    return {f"ciphertext.{index}": from_bytes(chunk) for index, chunk in enumerate(keys.encrypt(delta * weight))}
+    """A client's weighted delta followed by its weight (the sum's integrity check) as
+    ciphertexts, the tensors its reply carries instead of the delta."""
+    values = torch.cat([delta * weight, torch.tensor([weight], dtype=delta.dtype)])
+    return {f"ciphertext.{index}": from_bytes(chunk) for index, chunk in enumerate(keys.encrypt(values))}
 
 
 def decrypt_sum(keys: HomomorphicKeys, ins: StageIns) -> StageRes:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -39,6 +40,8 @@ from fedlm.errors import FedlmError
 
 PRIME = 2**521 - 1  # a Mersenne prime above every shared secret (32-byte seeds and keys)
 SHARE_BYTES = 66
+PUBLIC_KEY_BYTES = 32
+SEALED_SHARE_BYTES = 12 + 2 * SHARE_BYTES + 16  # nonce, two shares, AES-GCM tag
 RING_BITS = 32
 
 
@@ -153,6 +156,18 @@ def quantize(update: torch.Tensor, settings: SecAggSettings) -> torch.Tensor:
 def dequantize_sum(total: torch.Tensor, count: int, settings: SecAggSettings) -> torch.Tensor:
     """The float sum of `count` quantized updates from the sum of their ring elements."""
     return (total.double() * settings.step - count * settings.clip_range).to(torch.float32)
+
+
+def public_key_problem(data: bytes) -> str | None:
+    """Why `data` is not an X25519 public key a client can agree a secret with (None if it is):
+    a wrong length, or a low-order point, for which the key exchange fails."""
+    if len(data) != PUBLIC_KEY_BYTES:
+        return f"expected {PUBLIC_KEY_BYTES} bytes, got {len(data)}"
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
+    except ValueError as error:
+        return f"not a usable X25519 public key ({error})"
+    return None
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
@@ -272,7 +287,12 @@ class SecAggClient:
 
     def _open(self, sender: int, ciphertext: bytes) -> tuple[int, int]:
         header = f"{sender}->{self.index}".encode()
-        plaintext = self._channel(sender).decrypt(ciphertext[:12], ciphertext[12:], header)
+        try:
+            plaintext = self._channel(sender).decrypt(ciphertext[:12], ciphertext[12:], header)
+        except InvalidTag:
+            raise SecAggError(
+                f"client {self.index}: the key shares from client {sender} failed authentication"
+            ) from None
         return int.from_bytes(plaintext[:SHARE_BYTES], "big"), int.from_bytes(plaintext[SHARE_BYTES:], "big")
 
 

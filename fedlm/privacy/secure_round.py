@@ -18,15 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlm import gate
 from fedlm.core.seeding import derive_seed
-from fedlm.errors import ConfigError
+from fedlm.errors import ConfigError, WireError
 from fedlm.privacy.secure_aggregation import (
+    PRIME,
+    PUBLIC_KEY_BYTES,
     RING_BITS,
+    SEALED_SHARE_BYTES,
     SecAggClient,
     SecAggError,
     SecAggServer,
     SecAggSettings,
     neighbourhoods,
+    public_key_problem,
 )
 from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes, from_bytes
 
@@ -71,26 +76,39 @@ def secure_fit(
     dropped: dict[str, str] = {}
     deadline = server._deadline()
 
-    def exchange(stage: str, messages: dict[str, StageIns]) -> dict[str, StageRes]:
+    def exchange(stage: str, messages: dict[str, StageIns], check) -> dict[str, Any]:
+        """The replies that pass `check` (the protocol's expected shape for this stage; it
+        returns what the server keeps of a reply); the others' senders are dropped, named."""
         answers = {}
         for name, reply in server.transport.stage(messages, deadline).items():
-            if isinstance(reply, str):
-                dropped[name] = f"secure aggregation, {stage}: {reply}"
-            else:
-                answers[name] = reply
+            try:
+                if isinstance(reply, str):
+                    raise WireError(reply)
+                answers[name] = check(name, reply)
+            except WireError as error:
+                dropped[name] = f"secure aggregation, {stage}: {error}"
         return answers
 
     # 1. public keys
     config = {"num_clients": settings.num_clients, "threshold": settings.threshold, "clip_range": settings.clip_range,
               "num_neighbours": settings.num_neighbours, "graph_seed": settings.graph_seed}  # fmt: skip
-    keys = exchange("keys", {n: StageIns("secagg_keys", {**config, "index": index[n]}) for n in names})
+    keys = exchange("keys", {n: StageIns("secagg_keys", {**config, "index": index[n]}) for n in names}, _public_keys)
     secagg.mask_public = {index[n]: as_bytes(reply.tensors["mask"]) for n, reply in keys.items()}
+
     # 2. key shares, encrypted for each neighbour
+    def sealed_shares(name: str, reply: StageRes) -> StageRes:
+        expected = {f"to.{index[v]}" for v in neighbours[name] if v in keys}
+        if set(reply.tensors) != expected or reply.meta:
+            raise WireError(f"expected sealed shares {sorted(expected)} only, got {sorted(reply.tensors)[:20]}")
+        for key in expected:
+            gate.byte_string(reply.tensors, key, SEALED_SHARE_BYTES)
+        return reply
+
     shares = exchange("shares", {
         n: StageIns("secagg_shares", {}, {f"{part}.{index[v]}": keys[v].tensors[part] for v in neighbours[n] if v in keys
                                           for part in ("channel", "mask")})
         for n in keys
-    })  # fmt: skip
+    }, sealed_shares)  # fmt: skip
     # 3. training; each reply is a masked update
     masked_fit = {}
     for name in shares:
@@ -104,7 +122,7 @@ def secure_fit(
         masked_fit[name] = FitIns(base.parameters, config, {**base.tensors, **inbox})
     masked, replies = {}, {}
     for name, reply in server.transport.fit(masked_fit, deadline).items():
-        problem = reply if isinstance(reply, str) else _masked_problem(reply, server.spec.numel)
+        problem = reply if isinstance(reply, str) else _masked_problem(reply, server.spec.numel, server._examples[name])
         if problem:
             dropped[name] = problem
         else:
@@ -113,13 +131,13 @@ def secure_fit(
     # 4. unmasking shares from the finished clients
     finished = {names[i] for i in masked}
     left = {n for n in shares if n not in finished}
-    revealed = exchange("reveal", {
+    requests = {
         n: StageIns("secagg_reveal", {"survivors": [index[v] for v in neighbours[n] if v in finished],
                                        "dropped": [index[v] for v in neighbours[n] if v in left]})
         for n in finished
-    })  # fmt: skip
-    opened = {index[n]: {part: {int(k): int(v) for k, v in reply.meta[part].items()} for part in ("self_seed", "mask_key")}
-              for n, reply in revealed.items()}  # fmt: skip
+    }  # fmt: skip
+    opened = exchange("reveal", requests, lambda name, reply: _revealed_shares(reply, requests[name].config))
+    opened = {index[name]: shares_of for name, shares_of in opened.items()}
     try:
         total = secagg.unmask(masked, opened, {index[n] for n in shares})
     except SecAggError as error:  # say who went away and why
@@ -127,11 +145,50 @@ def secure_fit(
         raise SecAggError(f"{error}{f' (dropped: {reasons})' if reasons else ''}") from None
     summary = {"clients": len(names), "finished": len(finished), "neighbours": settings.num_neighbours,
                "threshold": settings.threshold}  # fmt: skip
+    refused = {n: r for n, r in dropped.items() if n in finished}  # summed, but their shares were not used
+    if refused:
+        summary["refused_reveals"] = refused
     return total, replies, {n: r for n, r in dropped.items() if n not in finished}, summary
 
 
-def _masked_problem(reply: FitRes, numel: int) -> str | None:
+def _public_keys(name: str, reply: StageRes) -> StageRes:
+    """A keys reply: exactly a channel and a mask public key, each a valid X25519 key."""
+    if set(reply.tensors) != {"channel", "mask"} or reply.meta:
+        raise WireError(f"expected public keys 'channel' and 'mask' only, got {sorted(reply.tensors)[:20]}")
+    for part in ("channel", "mask"):
+        problem = public_key_problem(as_bytes(gate.byte_string(reply.tensors, part, PUBLIC_KEY_BYTES)))
+        if problem:
+            raise WireError(f"{part} key: {problem}")
+    return reply
+
+
+def _revealed_shares(reply: StageRes, request: dict[str, list[int]]) -> dict[str, dict[int, int]]:
+    """A reveal reply as shares by client index: shares of the self-mask seeds of the survivors
+    asked for and of the mask keys of the dropped clients asked for, each a field element."""
+    if set(reply.meta) != {"self_seed", "mask_key"} or reply.tensors:
+        raise WireError(f"expected 'self_seed' and 'mask_key' shares only, got {sorted(reply.meta)[:20]}")
+    opened = {}
+    for part, asked in (("self_seed", request["survivors"]), ("mask_key", request["dropped"])):
+        values = gate.mapping(reply.meta[part], part)
+        allowed = {str(u) for u in asked}
+        if not set(values) <= allowed:
+            raise WireError(f"{part} shares for clients {sorted(set(values) - allowed)[:10]} that were not asked for")
+        opened[part] = {int(u): _field_element(value, f"{part}[{u}]") for u, value in values.items()}
+    return opened
+
+
+def _field_element(value: Any, field: str) -> int:
+    if not isinstance(value, str) or not value.isdecimal() or len(value) > 160 or not 0 <= int(value) < PRIME:
+        raise WireError(f"{field} must be a decimal string of a number below 2^521 - 1, got {value!r:.40}")
+    return int(value)
+
+
+def _masked_problem(reply: FitRes, numel: int, max_examples: int) -> str | None:
     vector = reply.delta
+    if not isinstance(vector, torch.Tensor):
+        return "masked update must be sent as a plain int64 vector, not compressed"
+    if not 1 <= reply.num_examples <= max_examples:
+        return f"update reports {reply.num_examples:,} training examples, expected 1 to {max_examples:,}"
     if vector.dtype != torch.int64 or vector.dim() != 1 or vector.numel() != numel:
         return f"masked update has dtype {vector.dtype} and shape {list(vector.shape)}, expected int64 [{numel}]"
     if int(vector.min()) < 0 or int(vector.max()) >= 2**RING_BITS:

@@ -81,22 +81,23 @@ class FlowerTransport:
         answers: dict[str, Any] = {}
         for name in messages:
             reply = replies.get(name)
-            if reply is None:
-                answers[name] = pending[name]
-                continue
+            answers[name] = pending[name] if reply is None else self._decoded(name, reply, reply_type)
+        return answers
+
+    def _decoded(self, name: str, reply: Message, reply_type: type[WireMessage]) -> WireMessage | str:
+        """The reply through the validation gate (size first, then `from_record`), or why not."""
+        try:
             if reply.has_error():
-                answers[name] = f"Flower error {reply.error.code}: {reply.error.reason}"
-                continue
+                return f"Flower error {reply.error.code}: {reply.error.reason}"
             reply_size = record_size(reply.content)
             self.bytes.add(name, up=reply_size)
             if self.max_reply_bytes is not None and reply_size > self.max_reply_bytes:
-                answers[name] = f"reply of {reply_size:,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes"
-                continue
-            try:
-                answers[name] = from_record(reply.content, reply_type)
-            except WireError as error:
-                answers[name] = str(error)
-        return answers
+                return f"reply of {reply_size:,} bytes exceeds the limit of {self.max_reply_bytes:,} bytes"
+            return from_record(reply.content, reply_type)
+        except WireError as error:
+            return str(error)
+        except Exception as error:  # a gap in the gate must still not end the run
+            return f"undecodable reply: {type(error).__name__}: {error}"
 
     def _labelled(self, ins: WireMessage) -> WireMessage:
         """Instructions carry the federation's label map, so that nodes encode labels as the server does."""
@@ -148,4 +149,6 @@ def query_clients(
             infos.append((named[key], from_record(reply.content, ClientInfo)))
         except WireError as error:
             failures.append(f"node {key}: {error}")
+        except Exception as error:  # a gap in the gate must still not end the run
+            failures.append(f"node {key}: undecodable reply: {type(error).__name__}: {error}")
     return infos, failures
