@@ -93,3 +93,46 @@ def test_ragged_csv_rows_and_jsonl_records_with_missing_keys(tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2, "user": "u7"}\n')
     data = load_text_dataset(tmp_path / "mixed.jsonl")
     assert data.labels == [1, 2] and data.columns == {"user": [None, "u7"]}
+
+
+def test_csv_fields_of_any_size_load_and_the_process_wide_limit_is_restored(tmp_path):
+    limit = csv.field_size_limit()
+    big = "word " * 60_000  # 300 KB, over csv's default 128 KiB field limit
+    (tmp_path / "big.csv").write_text(f"text,label\n{big},a\nsmall,b\n")
+    (tmp_path / "big.tsv").write_text(f"text\tlabel\n{big}\ta\n")
+    assert load_text_dataset(tmp_path / "big.csv").texts == [big, "small"]
+    assert load_text_dataset(tmp_path / "big.tsv").texts == [big]
+    assert csv.field_size_limit() == limit
+
+
+def test_a_csv_error_names_the_file_and_line(tmp_path, monkeypatch):
+    import fedlm.data.dataset
+
+    monkeypatch.setattr(fedlm.data.dataset, "CSV_FIELD_LIMIT", 8)
+    (tmp_path / "c.csv").write_text("text,label\nshort,a\na longer text,b\n")
+    with pytest.raises(DatasetError, match=r"client a: cannot read dataset file .*c.csv: line 3: field larger"):
+        load_text_dataset(tmp_path / "c.csv", owner="client a")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    contents = {
+        "c.csv": "text,label\nhi,a\n",
+        "c.tsv": "text\tlabel\nhi\ta\n",
+        "c.jsonl": '{"text": "hi", "label": "a"}\n',
+        "c.json": '[{"text": "hi", "label": "a"}]',
+    }
+    for name, content in contents.items():
+        (tmp_path / name).write_text(content, encoding="utf-8-sig")  # as Excel and Notepad save
+        data = load_text_dataset(tmp_path / name)
+        assert (data.texts, data.labels) == (["hi"], ["a"]), name
+
+
+def test_blank_csv_lines_are_skipped(tmp_path):
+    (tmp_path / "c.csv").write_text("text,label\na,x\n\nb,y\n\n")
+    assert load_text_dataset(tmp_path / "c.csv").texts == ["a", "b"]
+
+
+def test_records_with_non_string_keys_get_a_dataset_error():
+    with pytest.raises(DatasetError, match=r"list of records has no text column; its columns are \[0, 'label'\]"):
+        load_text_dataset([{0: "a", "label": "x"}])
+
