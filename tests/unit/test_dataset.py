@@ -136,3 +136,25 @@ def test_records_with_non_string_keys_get_a_dataset_error():
     with pytest.raises(DatasetError, match=r"list of records has no text column; its columns are \[0, 'label'\]"):
         load_text_dataset([{0: "a", "label": "x"}])
 
+
+def test_a_50_mb_row_is_encoded_in_bounded_memory_as_its_prefix(tmp_path, tiny_model_dir):
+    """Tokenizers build every token before truncating: the text must be cut first (it took 5 GB here)."""
+    resource = pytest.importorskip("resource")
+    import sys
+
+    from fedlm.models.loading import load_tokenizer
+    from fedlm.tasks.classification import encode
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text = ("market shares company bank profit " * 1_500_000)[:50_000_000]
+    (tmp_path / "big.csv").write_text(f"text,label\n{text},a\nteam wins,b\n")
+    del text
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    data = load_text_dataset(tmp_path / "big.csv")
+    encoded = encode(tokenizer, data.texts, [0, 1], max_length=128)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - peak_before
+    assert growth < 2**30, f"peak memory grew by {growth / 2**20:.0f} MiB"
+    prefix = tokenizer(data.texts[0][:10_000], truncation=True, max_length=128)["input_ids"]
+    assert encoded.input_ids[0] == prefix and len(prefix) == 128
+    assert encoded.input_ids[1] == tokenizer("team wins", truncation=True, max_length=128)["input_ids"]
