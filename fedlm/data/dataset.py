@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
+from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,16 @@ from fedlm.errors import DatasetError
 TEXT_ALIASES = ("text", "sentence", "content", "document", "review", "body", "article", "utterance")
 LABEL_ALIASES = ("label", "labels", "category", "class", "target", "topic", "sentiment", "intent")
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+CSV_FIELD_LIMIT = 2**31 - 1  # the largest limit a C long holds on every platform; csv's default is 128 KiB
+JSON_TYPES = {
+    dict: "object",
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
 
 
 @dataclass
@@ -44,7 +57,8 @@ class TextDataset:
         if name in ("label", "text"):
             return self.labels if name == "label" else self.texts
         raise DatasetError(
-            f"{owner}: {self.source} has no column {name!r}; its columns are {sorted(['text', 'label', *self.columns])}"
+            f"{owner}: {self.source} has no column {name!r}; its columns are "
+            f"{sorted(['text', 'label', *self.columns], key=str)}"
         )
 
 
@@ -75,10 +89,15 @@ def load_text_dataset(
     if len(texts) == 0:
         raise DatasetError(f"{owner}: {source} holds no examples; every client needs at least one")
     for row, (text, label) in enumerate(zip(texts, labels)):
-        if not isinstance(text, str) or label is None or label == "":
+        if not isinstance(text, str) or _is_missing(label):
             raise DatasetError(
                 f"{owner}: {source} row {row}: text must be a string and label non-empty, "
-                f"got text={text!r:.60} label={label!r}"
+                f"got text={text!r:.60} label={label!r:.60}"
+            )
+        if not isinstance(label, (str, numbers.Number)):
+            raise DatasetError(
+                f"{owner}: {source} row {row}: the label must be one string or number (each example has one class), "
+                f"got a {type(label).__name__}: {label!r:.60}"
             )
     others = {name: list(values) for name, values in columns.items() if name not in (text_name, label_name)}
     return TextDataset(list(texts), list(labels), source, others)
@@ -95,7 +114,7 @@ def load_public_set(
         dataset = [{"text": text} for text in dataset]
     source, columns = _read_columns(dataset, owner)
     text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
-    has_label = label_column is not None or any(name.lower() in LABEL_ALIASES for name in columns)
+    has_label = label_column is not None or any(str(name).lower() in LABEL_ALIASES for name in columns)
     texts = columns[text_name]
     labels = columns[_pick_column(columns, label_column, LABEL_ALIASES, "label", owner, source)] if has_label else None
     if len(texts) == 0:
@@ -104,6 +123,15 @@ def load_public_set(
     if bad is not None:
         raise DatasetError(f"{owner}: {source} row {bad}: text must be a string, got {texts[bad]!r:.60}")
     return TextDataset(list(texts), list(labels) if labels is not None else [None] * len(texts), source)
+
+
+def _is_missing(label: Any) -> bool:
+    """None, NaN (how pandas and Arrow write a missing value) and blank strings are no label."""
+    if label is None:
+        return True
+    if isinstance(label, str):
+        return not label.strip()
+    return isinstance(label, numbers.Number) and label != label  # only NaN differs from itself
 
 
 def _read_columns(dataset: Any, owner: str) -> tuple[str, dict[str, list]]:
@@ -132,12 +160,15 @@ def _read_path(path: Path, owner: str) -> dict[str, list]:
         if suffix in (".jsonl", ".json"):
             return _records_to_columns(_read_json_records(path), owner, str(path))
         if suffix == ".parquet":
-            import pyarrow.parquet
-
-            return pyarrow.parquet.read_table(path).to_pydict()
+            return _read_parquet(path, owner)
     except DatasetError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as error:
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"{owner}: cannot read dataset file {path}: {_first_non_utf8(path)} is not UTF-8 ({error.reason}); "
+            f"save the file as UTF-8 text"
+        ) from error
+    except (OSError, ValueError) as error:
         raise DatasetError(f"{owner}: cannot read dataset file {path}: {error}") from error
     raise DatasetError(
         f"{owner}: dataset file {path} has an unsupported type {path.suffix!r}; "
@@ -145,40 +176,118 @@ def _read_path(path: Path, owner: str) -> dict[str, list]:
     )
 
 
+def _first_non_utf8(path: Path) -> str:
+    """Where the first bytes of `path` that are not UTF-8 are, as "line N, byte B" (the decode error's own
+    position counts from the chunk being decoded, not from the file). No UTF-8 character spans a newline,
+    so each line decodes on its own."""
+    if path.is_file():
+        with path.open("rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    return f"line {number}, byte {error.start + 1},"
+    return "part of it"
+
+
 def _read_delimited(path: Path, delimiter: str, owner: str) -> dict[str, list]:
-    """Columns straight from the rows (no dict per row: a million-row file stays small)."""
-    with path.open(newline="", encoding="utf-8") as handle:
+    """Columns straight from the rows (no dict per row: a million-row file stays small). "utf-8-sig"
+    drops the byte-order mark Excel writes; fields may be of any size; blank lines are skipped."""
+    with path.open(newline="", encoding="utf-8-sig") as handle, _csv_field_limit(CSV_FIELD_LIMIT):
         reader = csv.reader(handle, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{owner}: dataset file {path} holds no rows")
-        columns: list[list] = [[] for _ in header]
-        for row in reader:
-            if len(row) != len(header):
-                raise ValueError(f"line {reader.line_num} has {len(row)} fields, the header has {len(header)}")
-            for values, value in zip(columns, row):
-                values.append(value)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(f"{owner}: dataset file {path} holds no rows")
+            _check_unique_columns(header, path, owner)
+            columns: list[list] = [[] for _ in header]
+            first_line = reader.line_num + 1  # a quoted field may span lines: where the next row starts
+            for row in reader:
+                if row and len(row) != len(header):
+                    lines = f"line {first_line}"
+                    if reader.line_num > first_line:
+                        lines = f"the row on lines {first_line}-{reader.line_num} (is a quote left open?)"
+                    raise ValueError(f"{lines} has {len(row)} fields, the header has {len(header)}")
+                for values, value in zip(columns, row):  # a blank line (row []) adds nothing
+                    values.append(value)
+                first_line = reader.line_num + 1
+        except csv.Error as error:
+            raise DatasetError(f"{owner}: cannot read dataset file {path}: line {reader.line_num}: {error}") from error
     if not columns or not columns[0]:
         raise DatasetError(f"{owner}: dataset file {path} holds no rows")
     return dict(zip(header, columns))
 
 
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """csv's field size limit is process-wide: raise it while reading, then put the previous one back."""
+    previous = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _check_unique_columns(names: list[str], path: Path, owner: str) -> None:
+    """Two columns of one name would keep only the last one's values: refuse them."""
+    duplicated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicated:
+        raise DatasetError(
+            f"{owner}: dataset file {path} has more than one column named {', '.join(map(repr, duplicated))}; "
+            f"rename or drop the duplicates so that each column name appears once"
+        )
+
+
 def _read_json_records(path: Path) -> Iterator[dict]:
-    """JSON Lines one line at a time, or a JSON array of objects."""
-    with path.open(encoding="utf-8") as handle:
+    """JSON Lines one line at a time, or a JSON array of objects ("utf-8-sig": with or without a byte-order mark)."""
+    with path.open(encoding="utf-8-sig") as handle:
         first = handle.read(1)
         while first.isspace():
             first = handle.read(1)
         handle.seek(0)
         if path.suffix.lower() == ".json" and first == "[":
-            yield from json.load(handle)
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"line {error.lineno} is not valid JSON ({error.msg})") from error
+            for index, record in enumerate(records):
+                if not isinstance(record, dict):
+                    raise ValueError(f"element {index} of the JSON array is {_json_type(record)}, not an object")
+            yield from records
             return
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"line {number} is not valid JSON ({error.msg})") from error
+                    hint = (
+                        "; a .json file holds a JSON array of objects or JSON Lines"
+                        if path.suffix.lower() == ".json"
+                        else ""
+                    )
+                    raise ValueError(f"line {number} is not valid JSON ({error.msg}){hint}") from error
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"line {number} is {_json_type(record)}, not an object; JSON Lines hold one object per line, "
+                        'such as {"text": "...", "label": "..."}'
+                    )
+                yield record
+
+
+def _json_type(value: Any) -> str:
+    return f"a JSON {JSON_TYPES[type(value)]}"
+
+
+def _read_parquet(path: Path, owner: str) -> dict[str, list]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.ParquetFile(path).read()
+    except pyarrow.ArrowException as error:
+        raise DatasetError(f"{owner}: cannot read Parquet file {path}: {error}") from error
+    _check_unique_columns(table.column_names, path, owner)
+    return table.to_pydict()
 
 
 def _read_saved_dataset(path: Path, owner: str) -> dict[str, list]:
@@ -216,13 +325,15 @@ def _records_to_columns(records: Iterable, owner: str, source: str) -> dict[str,
 def _pick_column(columns: dict, given: str | None, aliases: tuple[str, ...], role: str, owner: str, source: str) -> str:
     if given is not None:
         if given not in columns:
-            raise DatasetError(f"{owner}: {source} has no {role} column {given!r}; its columns are {sorted(columns)}")
+            raise DatasetError(
+                f"{owner}: {source} has no {role} column {given!r}; its columns are {sorted(columns, key=str)}"
+            )
         return given
-    by_lower = {name.lower(): name for name in columns}
+    by_lower = {str(name).lower(): name for name in columns}
     for alias in aliases:
         if alias in by_lower:
             return by_lower[alias]
     raise DatasetError(
-        f"{owner}: {source} has no {role} column; its columns are {sorted(columns)}. "
+        f"{owner}: {source} has no {role} column; its columns are {sorted(columns, key=str)}. "
         f"Name one with {role}_column=..., or use one of {list(aliases)}"
     )

@@ -18,8 +18,23 @@ class EncodedDataset:
         return len(self.labels)
 
 
+CHARS_PER_TOKEN = 64
+"""Texts are cut to `max_length * CHARS_PER_TOKEN` characters before tokenizing (see `encode`)."""
+
+
 def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> EncodedDataset:
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    """Token ids of `texts`, truncated to `max_length` tokens (special tokens included).
+
+    Each text is first cut to `max_length * CHARS_PER_TOKEN` characters: a tokenizer builds every token
+    of its input before it truncates, so one 50 MB row would take gigabytes. The cut leaves the first
+    `max_length` tokens as they were: WordPiece, BPE and SentencePiece tokens each cover part of one word
+    (English text averages about 4 characters a token, and vocabularies' longest tokens about 20), and a
+    cut changes only the tokens of the word it splits. Those tokens come after the first `max_length`
+    unless these average over 64 characters each, which takes runs of hundreds of spaces or control
+    characters, or a word per token longer than WordPiece's 100-character limit (each one an [UNK]).
+    """
+    cap = max_length * CHARS_PER_TOKEN
+    encoded = tokenizer([text[:cap] for text in texts], truncation=True, max_length=max_length)
     return EncodedDataset(list(encoded["input_ids"]), list(labels))
 
 

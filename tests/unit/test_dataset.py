@@ -93,3 +93,68 @@ def test_ragged_csv_rows_and_jsonl_records_with_missing_keys(tmp_path):
     (tmp_path / "mixed.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2, "user": "u7"}\n')
     data = load_text_dataset(tmp_path / "mixed.jsonl")
     assert data.labels == [1, 2] and data.columns == {"user": [None, "u7"]}
+
+
+def test_csv_fields_of_any_size_load_and_the_process_wide_limit_is_restored(tmp_path):
+    limit = csv.field_size_limit()
+    big = "word " * 60_000  # 300 KB, over csv's default 128 KiB field limit
+    (tmp_path / "big.csv").write_text(f"text,label\n{big},a\nsmall,b\n")
+    (tmp_path / "big.tsv").write_text(f"text\tlabel\n{big}\ta\n")
+    assert load_text_dataset(tmp_path / "big.csv").texts == [big, "small"]
+    assert load_text_dataset(tmp_path / "big.tsv").texts == [big]
+    assert csv.field_size_limit() == limit
+
+
+def test_a_csv_error_names_the_file_and_line(tmp_path, monkeypatch):
+    import fedlm.data.dataset
+
+    monkeypatch.setattr(fedlm.data.dataset, "CSV_FIELD_LIMIT", 8)
+    (tmp_path / "c.csv").write_text("text,label\nshort,a\na longer text,b\n")
+    with pytest.raises(DatasetError, match=r"client a: cannot read dataset file .*c.csv: line 3: field larger"):
+        load_text_dataset(tmp_path / "c.csv", owner="client a")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    contents = {
+        "c.csv": "text,label\nhi,a\n",
+        "c.tsv": "text\tlabel\nhi\ta\n",
+        "c.jsonl": '{"text": "hi", "label": "a"}\n',
+        "c.json": '[{"text": "hi", "label": "a"}]',
+    }
+    for name, content in contents.items():
+        (tmp_path / name).write_text(content, encoding="utf-8-sig")  # as Excel and Notepad save
+        data = load_text_dataset(tmp_path / name)
+        assert (data.texts, data.labels) == (["hi"], ["a"]), name
+
+
+def test_blank_csv_lines_are_skipped(tmp_path):
+    (tmp_path / "c.csv").write_text("text,label\na,x\n\nb,y\n\n")
+    assert load_text_dataset(tmp_path / "c.csv").texts == ["a", "b"]
+
+
+def test_records_with_non_string_keys_get_a_dataset_error():
+    with pytest.raises(DatasetError, match=r"list of records has no text column; its columns are \[0, 'label'\]"):
+        load_text_dataset([{0: "a", "label": "x"}])
+
+
+def test_a_50_mb_row_is_encoded_in_bounded_memory_as_its_prefix(tmp_path, tiny_model_dir):
+    """Tokenizers build every token before truncating: the text must be cut first (it took 5 GB here)."""
+    resource = pytest.importorskip("resource")
+    import sys
+
+    from fedlm.models.loading import load_tokenizer
+    from fedlm.tasks.classification import encode
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    text = ("market shares company bank profit " * 1_500_000)[:50_000_000]
+    (tmp_path / "big.csv").write_text(f"text,label\n{text},a\nteam wins,b\n")
+    del text
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+    data = load_text_dataset(tmp_path / "big.csv")
+    encoded = encode(tokenizer, data.texts, [0, 1], max_length=128)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - peak_before
+    assert growth < 2**30, f"peak memory grew by {growth / 2**20:.0f} MiB"
+    prefix = tokenizer(data.texts[0][:10_000], truncation=True, max_length=128)["input_ids"]
+    assert encoded.input_ids[0] == prefix and len(prefix) == 128
+    assert encoded.input_ids[1] == tokenizer("team wins", truncation=True, max_length=128)["input_ids"]

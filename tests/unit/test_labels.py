@@ -30,3 +30,32 @@ def test_labels_outside_the_model_classes_are_rejected():
         DatasetError, match=r"client b: labels \['7'\] fall outside the model's 3 classes.*num_labels=8"
     ):
         label_map.check_fits(3, owner="client b")
+
+
+def test_an_integer_label_at_or_above_max_labels_is_rejected():
+    with pytest.raises(
+        DatasetError, match=r"label 50000 is not below max_labels=10000.*50001-class head.*0..N-1.*string labels"
+    ):
+        LabelMap.from_values([0, 1, "50000"])
+    assert LabelMap.from_values([0, 9_999]).num_labels == 10_000
+    assert LabelMap.from_values([0, 5], max_labels=6).num_labels == 6
+    with pytest.raises(DatasetError, match=r"label 6 is not below max_labels=6"):
+        LabelMap.from_values([0, 6], max_labels=6)
+
+
+def test_negative_integer_labels_are_rejected():
+    with pytest.raises(DatasetError, match=r"label -1 is negative.*class ids 0..N-1.*drop the rows whose label -1"):
+        LabelMap.from_values([-1, 0, 1])
+
+
+def test_more_distinct_labels_than_max_labels_are_rejected():
+    with pytest.raises(DatasetError, match=r"the labels hold 10001 distinct values .* more than max_labels=10000"):
+        LabelMap.from_values(f"text {index}" for index in range(10_001))
+    with pytest.raises(DatasetError, match=r"3 distinct values .* max_labels=2"):
+        LabelMap.from_values(["a", "b", "c"], max_labels=2)
+
+
+def test_only_plain_ascii_integers_are_used_as_ids():
+    """Labels such as "07" (which would share id 7 with "7") and "²" (not an int) get ids in sorted order."""
+    assert LabelMap.from_values(["7", "07"]).label2id == {"07": 0, "7": 1}
+    assert LabelMap.from_values(["²", "1"]).label2id == {"1": 0, "²": 1}
