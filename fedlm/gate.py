@@ -33,7 +33,6 @@ MAX_HEADER_BYTES = 16 << 20  # a message's JSON header (label maps and configs a
 MAX_JSON_DEPTH = 32
 MAX_METRICS = 256  # entries in one reply's metrics
 MAX_TEXT = 256  # characters of a name, a label or a metric's name
-MAX_LABELS = 10_000  # label keys a client may report
 MAX_COUNT = 2**53  # example counts and vector sizes: exact in JSON's doubles
 TENSOR_DTYPES = (
     torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,

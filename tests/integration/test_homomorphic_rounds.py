@@ -86,3 +86,39 @@ def test_settings_that_need_individual_updates_are_refused(config_data_factory, 
     data = config_data_factory(num_clients=3, rounds=1, **{"homomorphic": {}, **sections})
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_a_client_with_the_wrong_number_of_ciphertexts_is_dropped_alone(config_data_factory):
+    plain = simulation(config_data_factory, encrypted=False).server
+    encrypted = simulation(config_data_factory, encrypted=True).server
+    fail_in_round(plain, {"client-0"}, 1)
+    honest = encrypted.clients[0].fit
+
+    def doubled(ins):  # the first replier: it no longer decides how many ciphertexts there should be
+        reply = honest(ins)
+        count = len(reply.extras)
+        reply.extras.update(
+            {
+                f"ciphertext.{count + i}": value
+                for i, value in enumerate([value.clone() for value in reply.extras.values()])
+            }
+        )
+        return reply
+
+    encrypted.clients[0].fit = doubled
+    plain.fit(rounds=1)
+    record = encrypted.fit(rounds=1)[0]
+    assert [item["client"] for item in record["dropped"]] == ["client-0"]
+    assert "ciphertexts, expected" in record["dropped"][0]["reason"] and record["clients"] == 2
+    assert (encrypted.global_params - plain.global_params).abs().max() < 1e-5
+
+
+def test_a_ciphertext_under_another_key_fails_the_sums_integrity_check_and_the_round_is_refused(config_data_factory):
+    from fedlm.privacy.homomorphic import HomomorphicKeys
+
+    encrypted = simulation(config_data_factory, encrypted=True).server
+    encrypted.clients[1].homomorphic_keys = HomomorphicKeys()  # a node given the wrong he-secret.ctx
+    before = encrypted.global_params.clone()
+    record = encrypted.fit(rounds=1)[0]
+    assert "integrity check" in record["homomorphic"]["error"] and record.get("skipped")
+    assert torch.equal(encrypted.global_params, before)

@@ -11,6 +11,7 @@ from conftest import fail_in_round
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.privacy.accounting import PrivacyAccountant, compute_epsilon
+from fedlm.protocol import StageRes
 from fedlm.runtime import build_simulation
 
 
@@ -92,3 +93,67 @@ def test_settings_that_need_individual_updates_are_refused(config_data_factory, 
     data["secure_aggregation"] = {}
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def forge_stage(server, name: str, stage: str, forge) -> None:
+    """Make client `name` answer `stage` with `forge(its honest reply)`."""
+    client = next(client for client in server.clients if client.name == name)
+    honest = client.stage
+
+    def stage_(ins, honest=honest):
+        reply = honest(ins)
+        return forge(reply) if ins.stage == stage else reply
+
+    client.stage = stage_
+
+
+def _keys(**tensors):
+    return lambda reply: StageRes(
+        {}, {key: value for key, value in {**reply.tensors, **tensors}.items() if value is not None}
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "forge", "problem"),
+    [
+        ("secagg_keys", _keys(mask=None), "expected public keys 'channel' and 'mask' only"),
+        ("secagg_keys", _keys(mask=torch.zeros(5, dtype=torch.uint8)), "must hold 32 bytes, got 5"),
+        ("secagg_keys", _keys(mask=torch.zeros(32, dtype=torch.uint8)), "not a usable X25519 public key"),
+        ("secagg_keys", _keys(channel=torch.zeros(32)), "byte string"),
+        ("secagg_shares", lambda reply: StageRes({}, {**reply.tensors, "to.99": torch.zeros(160, dtype=torch.uint8)}),
+         "expected sealed shares"),
+        ("secagg_shares", lambda reply: StageRes({}, {k: v[:5] for k, v in reply.tensors.items()}), "must hold 160 bytes"),
+    ],
+)  # fmt: skip
+def test_a_malformed_key_exchange_message_drops_its_sender_only(config_data_factory, stage, forge, problem):
+    plain = simulation(config_data_factory, secure=False).server
+    secure = simulation(config_data_factory, secure=True).server
+    fail_in_round(plain, {"client-2"}, 1)
+    forge_stage(secure, "client-2", stage, forge)
+    plain.fit(rounds=1)
+    record = secure.fit(rounds=1)[0]
+    assert [item["client"] for item in record["dropped"]] == ["client-2"] and problem in record["dropped"][0]["reason"]
+    assert record["clients"] == 3 and not record.get("skipped")
+    assert (secure.global_params - plain.global_params).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("forge", "problem"),
+    [
+        (lambda reply: StageRes({}), "expected 'self_seed' and 'mask_key' shares only"),
+        (lambda reply: StageRes({**reply.meta, "self_seed": dict.fromkeys(reply.meta["self_seed"], "zz")}),
+         "must be a decimal string"),
+        (lambda reply: StageRes({**reply.meta, "self_seed": {"77": "1"}}), "not asked for"),
+    ],
+)  # fmt: skip
+def test_a_malformed_reveal_is_refused_and_the_sum_is_still_recovered_from_the_others(
+    config_data_factory, forge, problem
+):
+    plain = simulation(config_data_factory, secure=False).server
+    secure = simulation(config_data_factory, secure=True).server
+    forge_stage(secure, "client-1", "secagg_reveal", forge)
+    plain.fit(rounds=1)
+    record = secure.fit(rounds=1)[0]
+    assert record["clients"] == 4 and not record["dropped"]  # its masked update was summed
+    assert problem in record["secure_aggregation"]["refused_reveals"]["client-1"]
+    assert (secure.global_params - plain.global_params).abs().max() < 1e-5
