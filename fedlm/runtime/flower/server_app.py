@@ -25,10 +25,11 @@ from fedlm.client import TrainingOptions
 from fedlm.config import PredefinedPartitionConfig, RunConfig
 from fedlm.data.labels import LabelMap
 from fedlm.distillation import FederatedDistillation
-from fedlm.errors import ConfigError, FedlmError
+from fedlm.errors import ConfigError, DatasetError, FedlmError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import read_public_context
 from fedlm.privacy.secure_round import SecureAggregation
+from fedlm.protocol import ClientInfo
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
@@ -116,6 +117,19 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def _with_usable_labels(infos: list[tuple[int, ClientInfo]]) -> tuple[list[tuple[int, ClientInfo]], list[str]]:
+    """The nodes whose labels can join a label map (integer labels within the class bound), and
+    a line naming each other node and why."""
+    usable, failures = [], []
+    for node_id, info in infos:
+        try:
+            LabelMap.from_values(info.labels)
+            usable.append((node_id, info))
+        except DatasetError as error:
+            failures.append(f"node {node_id} (client {info.name}): {error}")
+    return usable, failures
+
+
 def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     """The server side of a deployment: nodes found and named, the global model built."""
     if config.training.threads is not None:
@@ -127,7 +141,8 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         )
     node_ids = wait_for_nodes(grid, expected_clients(config), config.deployment.node_wait_timeout)
     infos, failures = query_clients(grid, node_ids, time.monotonic() + config.deployment.node_wait_timeout)
-    for failure in failures:
+    infos, label_failures = _with_usable_labels(infos)
+    for failure in failures + label_failures:
         logger.warning("SuperNode excluded: %s", failure)
     names = [info.name for _, info in infos]
     duplicates = sorted({name for name in names if names.count(name) > 1})
