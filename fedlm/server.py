@@ -76,6 +76,7 @@ class FedServer:
         seed: int = 0,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        max_client_examples: int | None = None,
         lora_aggregation: str = "fedit",
         algorithm: FederatedDistillation | EnsembleDistillation | None = None,
     ) -> None:
@@ -96,7 +97,7 @@ class FedServer:
         self._setup(clients, transport, model, tokenizer, label_map, clients[0].options, lora_aggregation, algorithm)
         # an update (or a client's outputs) and at most two strategy vectors of the same size, plus headers
         transport.max_reply_bytes = 3 * 4 * self.upload_numel() + (1 << 20)
-        self._configure_rounds(strategy, seed, min_clients, round_timeout)
+        self._configure_rounds(strategy, seed, min_clients, round_timeout, max_client_examples)
         if isinstance(algorithm, FederatedDistillation):
             for client in clients:
                 client.join_distillation(algorithm.public.texts)
@@ -117,6 +118,7 @@ class FedServer:
         seed: int = 0,
         min_clients: int = 1,
         round_timeout: float | None = None,
+        max_client_examples: int | None = None,
         lora_aggregation: str = "fedit",
         algorithm: FederatedDistillation | EnsembleDistillation | None = None,
     ) -> FedServer:
@@ -127,7 +129,7 @@ class FedServer:
             raise ConfigError("FedServer needs at least one client")
         server = cls.__new__(cls)
         server._setup(list(clients), transport, model, tokenizer, label_map, options, lora_aggregation, algorithm)
-        server._configure_rounds(strategy, seed, min_clients, round_timeout)
+        server._configure_rounds(strategy, seed, min_clients, round_timeout, max_client_examples)
         return server
 
     def _setup(self, clients, transport, model, tokenizer, label_map, options, lora_aggregation, algorithm) -> None:
@@ -207,10 +209,20 @@ class FedServer:
         return layouts
 
     def _configure_rounds(
-        self, strategy: Strategy | None, seed: int, min_clients: int, round_timeout: float | None
+        self,
+        strategy: Strategy | None,
+        seed: int,
+        min_clients: int,
+        round_timeout: float | None,
+        max_client_examples: int | None,
     ) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        if max_client_examples is not None and max_client_examples < 1:
+            raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
+        # the most examples one client's update counts for in the weighted average (None: what it
+        # declared when it joined, which a remote client reports itself)
+        self.max_client_examples = max_client_examples
         # codec specs ({"kind": "int8", ...}, see fedlm.core.compression) for updates sent up and
         # parameters sent down; the upload spec may add "error_feedback": true
         self.upload_codec: dict[str, Any] | None = None
@@ -591,7 +603,7 @@ class FedServer:
         metrics (no vectors: the server never sees one). Returns the weighted sum and its total
         weight, or None when the sum cannot be recovered (the round is then skipped)."""
         private = isinstance(self.strategy, DifferentialPrivacy)  # every client counts once
-        examples = {name: self._examples[name] for name in messages}
+        examples = {name: self._counted(self._examples[name]) for name in messages}
         weights = {name: 1.0 if private else count / sum(examples.values()) for name, count in examples.items()}
         protocol, key = (
             (secure_fit, "secure_aggregation")
@@ -629,7 +641,10 @@ class FedServer:
             trained = layout.restrict(self.global_params, upload=True) + delta
             delta = layout.embed(trained, self.global_params) - self.global_params
             extras = {key: layout.embed(value, torch.zeros_like(self.global_params)) for key, value in extras.items()}
-        updates.append(ClientUpdate(delta, num_examples, metrics, extras))
+        updates.append(ClientUpdate(delta, self._counted(num_examples), metrics, extras))
+
+    def _counted(self, num_examples: int) -> int:
+        return num_examples if self.max_client_examples is None else min(num_examples, self.max_client_examples)
 
     def _deadline(self) -> float | None:
         return None if self.round_timeout is None else time.monotonic() + self.round_timeout

@@ -356,3 +356,18 @@ def test_a_node_whose_labels_cannot_join_the_label_map_is_excluded_by_name():
     usable, failures = _with_usable_labels(infos)
     assert [info.name for _, info in usable] == ["a"]
     assert len(failures) == 1 and failures[0].startswith("node 2 (client b):") and "50000" in failures[0]
+
+
+def test_max_client_examples_caps_the_weight_an_update_counts_for(tiny_model_dir):
+    from fedlm.core.strategies import FedAvg
+
+    class Recording(FedAvg):
+        def aggregate(self, global_params, updates):
+            self.counts = [update.num_examples for update in updates]
+            return super().aggregate(global_params, updates)
+
+    model = load_classifier(str(tiny_model_dir), num_labels=3, seed=0)
+    clients = [FedClient(make_records(n, seed=n), model, name=f"c{n}", **OPTIONS) for n in (40, 8)]
+    strategy = Recording()
+    FedServer(clients, strategy, max_client_examples=10).fit(rounds=1, clients_per_evaluation=0)
+    assert strategy.counts == [10, 8]
