@@ -519,16 +519,58 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {problems}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently). Keys merged in with `<<` may still be overridden, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first}); remove one", key_node.start_mark
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+EXAMPLE_CONFIG = "examples/configs/bbc-dirichlet.yaml"
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+            f"(line {line}); save it as UTF-8"
+        ) from None
+    loader = UniqueKeyLoader(text)
+    loader.name = str(path)  # YAML errors say "in <path>, line N"
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"config file {path} is empty (or only comments), so it describes no run: start from the demo's config "
+            f"(`fedlm demo --print-config > {path.name}`) or an example such as {EXAMPLE_CONFIG} in fedlm's repository"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, federation, training)")
     return parse_config(data, source=str(path))

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fedlm.config import load_config, parse_config
@@ -69,3 +71,41 @@ def test_unreadable_and_malformed_config_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1\nmodel: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 at offset 25 \(line 2\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# a comment\n# seed: 1\n"])
+def test_an_empty_config_is_refused_and_points_to_a_starting_config(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run.yaml is empty .*fedlm demo --print-config.*examples/configs/") as error:
+        load_config(path)
+    assert "examples/configs/bbc-dirichlet.yaml" in str(error.value)
+    assert (Path(__file__).parents[2] / "examples" / "configs" / "bbc-dirichlet.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("seed: 1\nfederation:\n  rounds: 2\n  min_clients: 1\n  rounds: 5\n", "rounds", 5),
+        ("seed: 1\nmodel: {name: minilm}\nseed: 2\n", "seed", 3),
+        ("federation: {rounds: 2, rounds: 3}\n", "rounds", 1),
+    ],
+)
+def test_a_key_given_twice_names_the_key_and_line(tmp_path, text, key, line):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"key '{key}' is given twice .*\n.*run.yaml\", line {line}"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  <<: {rounds: 2, min_clients: 1}\n  rounds: 4\n")
+    assert load_config(path).federation.rounds == 4
