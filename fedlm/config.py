@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedlm.errors import ConfigError
 
 CONFIG_VERSION = 1
+# torch device strings fedlm accepts: cpu, or a backend with an optional device index
+DEVICE_PATTERN = re.compile(r"cpu|(cuda|mps|xpu)(:[0-9]+)?")
 
 
 class Section(BaseModel):
@@ -214,6 +217,16 @@ class TrainingConfig(Section):
     dp_sgd: DPSGDConfig | None = Field(
         None, description="train every client with DP-SGD (sample-level DP; batches are Poisson-sampled)"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, device: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(
+                f"{device!r} is not a device fedlm can train on: use cpu, cuda, cuda:N (the GPU with index N), "
+                "mps (Apple silicon) or xpu, xpu:N (Intel GPUs)"
+            )
+        return device
 
 
 class LoraConfig(Section):

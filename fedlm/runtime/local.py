@@ -123,6 +123,26 @@ def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: 
     return model
 
 
+def check_device(device: str) -> None:
+    """Refuse a `training.device` (checked for form by the config) that this machine does not have."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        count = 1 if torch.backends.mps.is_available() else 0
+    else:  # cuda, xpu
+        backend = getattr(torch, kind)
+        count = backend.device_count() if backend.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"training.device {device}: this machine has no {kind} device (torch {torch.__version__}); use cpu"
+        )
+    if index and int(index) >= count:
+        raise ConfigError(
+            f"training.device {device}: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
+        )
+
+
 def peft_config(settings: AdapterConfig) -> Any:
     """The PEFT library's config for fedlm's adapter settings."""
     import peft
@@ -195,6 +215,7 @@ def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
+    check_device(config.training.device)
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     federated = prepare_federated_data(config)

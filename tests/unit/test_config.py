@@ -55,6 +55,9 @@ def test_defaults_and_a_full_config(tmp_path):
         ),
         ({"federation": {"clients_per_round": 2, "fraction": 0.5}}, "give clients_per_round or fraction, not both"),
         ({"version": 9}, "config version 9 is newer"),
+        ({"training": {"device": "banana"}}, "training.device: .*'banana' .*use cpu, cuda, cuda:N"),
+        ({"training": {"device": "cuda:x"}}, "training.device: .*use cpu, cuda, cuda:N"),
+        ({"training": {"device": "gpu"}}, "training.device"),
     ],
 )
 def test_errors_name_the_field(data, message):
@@ -71,6 +74,11 @@ def test_unreadable_and_malformed_config_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:7", "mps", "xpu:1"])
+def test_device_forms_are_accepted_at_config_time(device):
+    assert parse_config({"training": {"device": device}}).training.device == device
 
 
 def test_a_config_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
