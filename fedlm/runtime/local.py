@@ -19,6 +19,7 @@ from fedlm.config import (
     EnsembleDistillationConfig,
     Ia3Config,
     LoraConfig,
+    PromptTuningConfig,
     RunConfig,
     StrategyConfig,
 )
@@ -112,6 +113,7 @@ def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: 
     config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
     when given). Every participant builds the same one."""
     model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
+    check_max_length(config, model, model_name)
     if config.peft is None:
         return model
     settings = config.peft
@@ -121,6 +123,27 @@ def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: 
     if isinstance(config.peft, LoraConfig) and config.peft.aggregation == "ffa":
         freeze_lora_a(model)
     return model
+
+
+def check_max_length(config: RunConfig, model: torch.nn.Module, model_name: str) -> None:
+    """Refuse a `training.max_length` longer than the sequences `model` has position embeddings
+    for (`max_position_embeddings`, GPT-2's `n_positions`); prompt tuning's virtual tokens count too."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None:  # no learned positions: no limit to check
+        return
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding = getattr(embeddings, "padding_idx", None)
+    if padding is not None:  # RoBERTa-style positions start after the padding index
+        limit -= padding + 1
+    tokens, virtual = config.training.max_length, 0
+    if isinstance(config.peft, PromptTuningConfig):
+        virtual = config.peft.num_virtual_tokens
+    if tokens + virtual > limit:
+        prompt = f" plus peft.num_virtual_tokens {virtual}" if virtual else ""
+        raise ConfigError(
+            f"training.max_length {tokens}{prompt} exceeds the {limit} positions model {model_name} has embeddings "
+            f"for; set training.max_length to at most {limit - virtual}"
+        )
 
 
 def check_device(device: str) -> None:
@@ -194,6 +217,7 @@ def build_algorithm(
         return EnsembleDistillation(public, **columns, **training)
     student_name = settings.student or config.model.name
     student = load_classifier(student_name, num_labels=num_labels, seed=derive_seed(config.seed, "student"))
+    check_max_length(config, student, student_name)
     return FederatedDistillation(
         public, student, load_tokenizer(student_name), client_output=settings.client_output,
         digest_epochs=settings.digest_epochs, **columns, **training,

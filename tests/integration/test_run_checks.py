@@ -8,6 +8,7 @@ import torch
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation
+from fedlm.runtime.local import build_model, check_max_length
 
 
 @pytest.mark.parametrize(
@@ -23,3 +24,33 @@ def test_a_device_this_machine_lacks_says_what_it_has(config_data_factory, monke
     config = parse_config(config_data_factory(training={"device": device}))
     with pytest.raises(ConfigError, match=message):
         build_simulation(config)
+
+
+def test_max_length_beyond_the_models_positions_names_the_limit(config_data_factory):
+    config = parse_config(config_data_factory(training={"max_length": 65}))  # the tiny model has 64 positions
+    with pytest.raises(ConfigError, match=r"training.max_length 65 exceeds the 64 positions model .* at most 64"):
+        build_simulation(config)
+
+
+def test_max_length_is_checked_wherever_a_model_is_built(config_data_factory, tiny_model_dir, load_tiny):
+    config = parse_config(config_data_factory(training={"max_length": 100}))
+    with pytest.raises(ConfigError, match="training.max_length 100 exceeds the 64 positions"):
+        build_model(config, str(tiny_model_dir), num_labels=3)  # what a Flower node and the ServerApp call
+    prompt = parse_config(
+        config_data_factory(training={"max_length": 50}, peft={"method": "prompt_tuning", "num_virtual_tokens": 20})
+    )
+    with pytest.raises(ConfigError, match="max_length 50 plus peft.num_virtual_tokens 20 exceeds the 64 .* at most 44"):
+        check_max_length(prompt, load_tiny(), str(tiny_model_dir))
+    check_max_length(parse_config(config_data_factory(training={"max_length": 64})), load_tiny(), "tiny")
+
+
+def test_a_roberta_style_model_loses_the_positions_before_its_padding_index(config_data_factory):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    sizes = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    model = RobertaForSequenceClassification(
+        RobertaConfig(vocab_size=50, max_position_embeddings=66, pad_token_id=1, **sizes)
+    )
+    check_max_length(parse_config(config_data_factory(training={"max_length": 64})), model, "roberta")
+    with pytest.raises(ConfigError, match="max_length 65 exceeds the 64 positions"):
+        check_max_length(parse_config(config_data_factory(training={"max_length": 65})), model, "roberta")
