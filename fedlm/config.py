@@ -522,6 +522,19 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def check_output_dir(path: str | Path) -> None:
+    """Refuse an output folder that cannot be made because it, or a folder above it, is a file."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"output_dir {path}: {folder} is a file, so the run folder cannot be made there; "
+                    "choose another output_dir (or --output-dir)"
+                )
+            return
+
+
 def parse_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)

@@ -22,6 +22,7 @@ from fedlm.config import (
     PromptTuningConfig,
     RunConfig,
     StrategyConfig,
+    check_output_dir,
 )
 from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
 from fedlm.core.robust import ROBUST_AGGREGATES
@@ -239,6 +240,7 @@ def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
+    check_output_dir(config.output_dir)
     check_device(config.training.device)
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)

@@ -11,6 +11,13 @@ from fedlm.runtime import build_simulation
 from fedlm.runtime.local import build_model, check_max_length
 
 
+def test_an_output_dir_under_a_file_names_output_dir(config_data_factory, tmp_path):
+    (tmp_path / "some.csv").write_text("text,label\n")
+    config = parse_config({**config_data_factory(), "output_dir": str(tmp_path / "some.csv" / "run")})
+    with pytest.raises(ConfigError, match=r"output_dir .*some.csv/run: .*some.csv is a file"):
+        build_simulation(config)
+
+
 @pytest.mark.parametrize(
     ("device", "gpus", "message"),
     [
