@@ -500,6 +500,25 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _rounds_can_aggregate(self) -> RunConfig:
+        """The checks of `cohort_problem` for the clients per round the config states (the runtimes
+        check again once they know how many clients there are)."""
+        federation, partition = self.federation, self.data.partition
+        if isinstance(partition, PredefinedPartitionConfig):
+            stated = None if partition.clients is None else len(partition.clients)
+        else:
+            stated = getattr(partition, "num_clients", None)  # a natural partition's clients come from its data
+        if federation.clients_per_round is not None:
+            problem = cohort_problem(self, federation.clients_per_round, "federation.clients_per_round")
+        elif stated is not None and federation.fraction is None and self.deployment.num_clients is None:
+            problem = cohort_problem(self, stated, "data.partition: every client takes part in each round")
+        else:
+            problem = None
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def _check_summed_updates(self, section: str) -> None:
         needs_updates = {
             "algorithm (distillation)": self.algorithm is not None,
@@ -520,6 +539,43 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def cohort_problem(config: RunConfig, cohort: int, source: str) -> str | None:
+    """Why no round of `config` could aggregate when `cohort` clients take part in each round
+    (`source` says where that number comes from), or None: federation.min_clients above the
+    cohort, or secure aggregation over fewer clients than its neighbourhoods and threshold need."""
+    min_clients = config.federation.min_clients
+    if min_clients > cohort:
+        return (
+            f"federation.min_clients ({min_clients}) exceeds the {cohort} client(s) taking part in each round "
+            f"({source}): every round would be skipped; lower min_clients or let more clients take part"
+        )
+    settings = config.secure_aggregation
+    if settings is None:
+        return None
+    if cohort < 2:
+        return (
+            f"secure_aggregation needs at least 2 clients per round to hide each update in a sum; this run has "
+            f"{cohort} ({source})"
+        )
+    from fedlm.privacy.secure_aggregation import SecAggSettings
+
+    defaults = SecAggSettings.for_clients(cohort)  # what the rounds use for the settings the config leaves out
+    neighbours = settings.num_neighbours or defaults.num_neighbours
+    threshold = settings.threshold or defaults.threshold
+    if neighbours > cohort - 1:
+        return (
+            f"secure_aggregation.num_neighbours ({neighbours}) exceeds the {cohort - 1} other clients in a round of "
+            f"{cohort} ({source}); lower it or let more clients take part"
+        )
+    if threshold > neighbours:
+        given = "secure_aggregation.threshold" if settings.threshold else "the default secure_aggregation.threshold"
+        return (
+            f"{given} ({threshold}) exceeds the {neighbours} neighbours each client has in a round of {cohort} "
+            f"({source}); set secure_aggregation.threshold to at most {neighbours}"
+        )
+    return None
 
 
 def check_output_dir(path: str | Path) -> None:

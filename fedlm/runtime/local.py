@@ -23,6 +23,7 @@ from fedlm.config import (
     RunConfig,
     StrategyConfig,
     check_output_dir,
+    cohort_problem,
 )
 from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
 from fedlm.core.robust import ROBUST_AGGREGATES
@@ -237,6 +238,16 @@ def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
     return [ranks[index % len(ranks)] for index in range(num_clients)]
 
 
+def cohort_source(config: RunConfig, num_clients: int) -> str:
+    """Where the number of clients per round comes from, for `cohort_problem`'s message."""
+    federation = config.federation
+    if federation.clients_per_round is not None:
+        return "federation.clients_per_round"
+    if federation.fraction is not None:
+        return f"federation.fraction {federation.fraction} of the {num_clients} clients"
+    return f"all {num_clients} clients of data.partition take part"
+
+
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
@@ -245,7 +256,11 @@ def build_simulation(config: RunConfig) -> Federation:
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     federated = prepare_federated_data(config)
-    clients_per_round = resolve_clients_per_round(config, len(federated.clients))
+    num_clients = len(federated.clients)
+    clients_per_round = resolve_clients_per_round(config, num_clients)
+    problem = cohort_problem(config, clients_per_round or num_clients, cohort_source(config, num_clients))
+    if problem:
+        raise ConfigError(problem)
     label_map = LabelMap.from_values(federated.label_values())
     # clients with the same model (and LoRA rank) share one replica
     kinds = list(

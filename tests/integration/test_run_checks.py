@@ -61,3 +61,20 @@ def test_a_roberta_style_model_loses_the_positions_before_its_padding_index(conf
     check_max_length(parse_config(config_data_factory(training={"max_length": 64})), model, "roberta")
     with pytest.raises(ConfigError, match="max_length 65 exceeds the 64 positions"):
         check_max_length(parse_config(config_data_factory(training={"max_length": 65})), model, "roberta")
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        # 4 clients, a quarter of them per round: one client, known only once the clients are
+        ({"federation": {"fraction": 0.25, "min_clients": 2}}, r"federation.min_clients \(2\) exceeds the 1 client"),
+        (
+            {"federation": {"fraction": 0.25}, "secure_aggregation": {}},
+            r"secure_aggregation needs at least 2 .*has 1 \(federation.fraction 0.25 of the 4 clients\)",
+        ),
+    ],
+)
+def test_rounds_that_cannot_aggregate_are_refused_once_the_clients_are_known(config_data_factory, sections, message):
+    config = parse_config(config_data_factory(num_clients=4, **sections))
+    with pytest.raises(ConfigError, match=message):
+        build_simulation(config)

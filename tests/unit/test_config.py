@@ -117,3 +117,60 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("federation:\n  <<: {rounds: 2, min_clients: 1}\n  rounds: 4\n")
     assert load_config(path).federation.rounds == 4
+
+
+def iid(num_clients: int, **sections) -> dict:
+    return {"data": {"partition": {"kind": "iid", "num_clients": num_clients}}, **sections}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            iid(2, federation={"min_clients": 3}),
+            r"federation.min_clients \(3\) exceeds the 2 client\(s\) taking part in each round \(data.partition",
+        ),
+        (
+            iid(5, federation={"min_clients": 3, "clients_per_round": 2}),
+            r"federation.min_clients \(3\) exceeds the 2 .*federation.clients_per_round",
+        ),
+        (
+            {"data": {"partition": {"kind": "predefined", "clients": ["a.csv"]}}, "federation": {"min_clients": 2}},
+            r"federation.min_clients \(2\) exceeds the 1 client",
+        ),
+        (
+            iid(1, secure_aggregation={}),
+            r"secure_aggregation needs at least 2 clients per round .*this run has 1 \(data.partition",
+        ),
+        (
+            iid(5, federation={"clients_per_round": 1}, secure_aggregation={}),
+            r"secure_aggregation needs at least 2 .*has 1 \(federation.clients_per_round\)",
+        ),
+        (
+            iid(3, secure_aggregation={"threshold": 3}),
+            r"secure_aggregation.threshold \(3\) exceeds the 2 neighbours each client has in a round of 3",
+        ),
+        (
+            iid(10, secure_aggregation={"num_neighbours": 2}),
+            r"the default secure_aggregation.threshold \(5\) exceeds the 2 neighbours",
+        ),
+        (iid(3, secure_aggregation={"num_neighbours": 3}), r"secure_aggregation.num_neighbours \(3\) exceeds the 2"),
+    ],
+)
+def test_configs_whose_rounds_cannot_aggregate_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        iid(2, federation={"min_clients": 2}),
+        iid(3, secure_aggregation={"threshold": 2}),
+        iid(1, federation={"fraction": 0.5}),  # clients per round known only once the clients are: the runtime checks
+        {"data": {"partition": {"kind": "natural", "column": "author"}}, "secure_aggregation": {}},
+        iid(1, secure_aggregation={}, deployment={"num_clients": 3}),  # the Flower count differs: checked at run time
+    ],
+)
+def test_rounds_that_can_aggregate_or_depend_on_the_data_pass(data):
+    parse_config(data)
