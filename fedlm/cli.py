@@ -7,20 +7,55 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from fedlm.config import RunConfig, load_config, parse_config
+from fedlm.config import RunConfig, check_output_dir, load_config, parse_config
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.runtime.rounds import megabytes, privacy_line, round_line
 
+DEBUG = "fedlm.debug"  # the --debug flag, in the click context's meta
+
+
+class Commands(TyperGroup):
+    """fedlm's commands: bad input (a FedlmError) exits 2 with its message on stderr; any other
+    exception exits 1 with one line on stderr (its locals may hold clients' text), or, with
+    --debug, its full traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except FedlmError as error:
+            _fail(error)
+        except Exception as error:
+            if ctx.meta.get(DEBUG):
+                raise
+            error_console.print(
+                f"[bold red]error:[/] internal error: {type(error).__name__}: {escape(str(error))} "
+                "(run with --debug for the traceback)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=1) from None
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models."
+    cls=Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Federated fine-tuning of pretrained language models.",
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,  # never print local variables: they hold clients' training text
 )
-console = Console()
+console = Console()  # progress and results
+error_console = Console(stderr=True)  # errors, warnings and log messages
 
 # The demo: the bundled all-MiniLM-L6-v2 on BBC News, 5 IID clients, 3 rounds. 1,000 articles
 # (200 held out to validate; of each client's 160, 144 train and 16 test) at 128 tokens keep it
@@ -45,7 +80,7 @@ def _run(config: RunConfig, resume: bool = False) -> None:
     from fedlm.runtime import build_simulation, run_federation
 
     logging.basicConfig(
-        level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)], format="%(message)s"
+        level=logging.WARNING, handlers=[RichHandler(console=error_console, show_path=False)], format="%(message)s"
     )
     rounds = config.federation.rounds
     console.print(
@@ -132,8 +167,17 @@ def partition_table(summary: dict[str, Any], max_rows: int = 40) -> Table:
 
 
 def _fail(error: FedlmError) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an unexpected error"),
+) -> None:
+    # the options every command takes, given before it: fedlm --debug run CONFIG
+    ctx.meta[DEBUG] = debug
 
 
 @app.command()
@@ -225,10 +269,11 @@ def partition(
 
     try:
         config = load_config(config_path)
+        folder = output_dir or config.output_dir
+        check_output_dir(folder)
         summary = partition_summary(prepare_federated_data(config))
     except FedlmError as error:
         _fail(error)
-    folder = output_dir or config.output_dir
     write_partition_report(summary, folder)
     table = partition_table(summary)
     needed = Console(width=500).measure(table).maximum

@@ -33,17 +33,52 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "partition.json").exists() and (tmp_path / "out" / "partition.png").exists()
 
 
-def test_bad_config_exits_2_and_names_the_field(tmp_path):
+def test_bad_config_exits_2_and_names_the_field_on_stderr(tmp_path):
     (tmp_path / "run.yaml").write_text("federation: {rounds: -1}\n")
     result = fedlm("run", "run.yaml", cwd=tmp_path)
     assert result.returncode == 2
-    assert "federation.rounds" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith("error: run.yaml: federation.rounds") and result.stdout == ""
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_missing_dataset_exits_2_and_names_the_file(tmp_path, tiny_model_dir):
     (tmp_path / "run.yaml").write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{dataset: nowhere.csv}}\n")
     result = fedlm("run", "run.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "nowhere.csv does not exist" in result.stdout
+    assert result.returncode == 2 and "nowhere.csv does not exist" in result.stderr
+
+
+CRASHING_CLI = """
+import sys
+import fedlm.cli
+
+def load_config(path):
+    client_text = "patient 17 was diagnosed with"  # a local an unexpected error must not print
+    raise RuntimeError("something broke")
+
+fedlm.cli.load_config = load_config
+sys.argv[0] = "fedlm"
+fedlm.cli.app()
+"""
+
+
+def test_an_unexpected_error_is_one_line_on_stderr_and_exit_1_unless_debug(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_CLI)
+    result = subprocess.run([sys.executable, str(script), "run", "x.yaml"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "error: internal error: RuntimeError: something broke (run with --debug for the traceback)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), "--debug", "run", "x.yaml"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "in load_config\n" in result.stderr
+    assert result.stderr.rstrip().endswith("RuntimeError: something broke")
+    assert "patient 17" not in result.stderr
 
 
 def test_demo_config_is_valid_and_printable(tmp_path):
