@@ -226,13 +226,19 @@ def certs(
         ["127.0.0.1", "localhost"], help="a name or IP address SuperNodes use to reach the SuperLink (repeat)"
     ),
     node: list[str] = typer.Option([], help="also write an authentication key pair for this SuperNode (repeat)"),
+    force: bool = typer.Option(False, help="replace existing certificates and keys in FOLDER (the old ones are lost)"),
 ) -> None:
     """TLS certificates for a SuperLink (and SuperNode authentication keys) for a Flower deployment."""
-    from fedlm.runtime.flower.certs import make_certificates, make_node_keys
+    from fedlm.runtime.flower.certs import check_node_name, make_certificates, make_node_keys
 
-    paths = make_certificates(folder, host)
-    for name in node:
-        paths.update(make_node_keys(folder, name))
+    try:
+        for name in node:  # before anything is written
+            check_node_name(name)
+        paths = make_certificates(folder, host, force=force)
+        for name in node:
+            paths.update(make_node_keys(folder, name, force=force))
+    except FedlmError as error:
+        _fail(error)
     for path in paths.values():
         console.print(f"wrote {path}")
 
@@ -241,6 +247,7 @@ def certs(
 def he_keys(
     folder: Path = typer.Argument(..., help="where to write he-secret.ctx and he-public.ctx"),
     poly_modulus_degree: int = typer.Option(8192, help="CKKS ring degree: 8192 or 16384"),
+    force: bool = typer.Option(False, help="replace existing keys in FOLDER (the old ones are lost)"),
 ) -> None:
     """CKKS keys for homomorphic aggregation: he-secret.ctx for every SuperNode (--node-config
     he-secret-context=...), never the server; he-public.ctx for the server (homomorphic.public_context)."""
@@ -249,7 +256,7 @@ def he_keys(
     if poly_modulus_degree not in (8192, 16384):
         _fail(ConfigError(f"--poly-modulus-degree must be 8192 or 16384, got {poly_modulus_degree}"))
     try:
-        paths = HomomorphicKeys(poly_modulus_degree).save(folder)
+        paths = HomomorphicKeys(poly_modulus_degree).save(folder, force=force)
     except FedlmError as error:
         _fail(error)
     for path in paths.values():

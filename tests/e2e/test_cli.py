@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from conftest import make_records, run_fedlm
@@ -137,3 +138,46 @@ def test_he_keys_writes_a_secret_context_for_clients_and_a_public_one_for_the_se
     result = fedlm("run", "he.yaml", "--backend", "flower", "--superlink", "127.0.0.1:9", "--insecure", cwd=tmp_path)
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "holds the secret key; the server must get he-public.ctx only" in output
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_he_keys_never_replace_a_secret_without_force_and_write_it_owner_only(tmp_path):
+    secret = tmp_path / "he-secret.ctx"
+    secret.write_bytes(b"the old secret")
+    secret.chmod(0o644)
+    refused = invoke("he-keys", tmp_path)
+    assert refused.exit_code == 2 and f"{secret}" in refused.stderr and "--force" in refused.stderr
+    assert secret.read_bytes() == b"the old secret" and not (tmp_path / "he-public.ctx").exists()
+    replaced = invoke("he-keys", tmp_path, "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert secret.read_bytes() != b"the old secret" and secret.stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["he-public.ctx", "he-secret.ctx"]  # no temp files
+
+
+def test_certs_never_replace_a_ca_key_without_force(tmp_path):
+    assert invoke("certs", tmp_path).exit_code == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    refused = invoke("certs", tmp_path, "--node", "a")
+    assert refused.exit_code == 2 and str(tmp_path / "ca.key") in refused.stderr and "--force" in refused.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    (tmp_path / "ca.key").chmod(0o644)
+    replaced = invoke("certs", tmp_path, "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert (tmp_path / "ca.key").read_bytes() != before["ca.key"]
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", ".", "", "a b"])
+def test_certs_refuse_node_names_that_are_not_plain_names(tmp_path, name):
+    folder = tmp_path / "deep" / "certs"
+    result = invoke("certs", folder, "--node", name)
+    assert result.exit_code == 2 and "--node" in result.stderr and "letters, digits" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, inside the folder or out of it
