@@ -7,20 +7,55 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from fedlm.config import RunConfig, load_config, parse_config
+from fedlm.config import RunConfig, check_output_dir, load_config, parse_config
 from fedlm.errors import ConfigError, FedlmError
 from fedlm.runtime.rounds import megabytes, privacy_line, round_line
 
+DEBUG = "fedlm.debug"  # the --debug flag, in the click context's meta
+
+
+class Commands(TyperGroup):
+    """fedlm's commands: bad input (a FedlmError) exits 2 with its message on stderr; any other
+    exception exits 1 with one line on stderr (its locals may hold clients' text), or, with
+    --debug, its full traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except FedlmError as error:
+            _fail(error)
+        except Exception as error:
+            if ctx.meta.get(DEBUG):
+                raise
+            error_console.print(
+                f"[bold red]error:[/] internal error: {type(error).__name__}: {escape(str(error))} "
+                "(run with --debug for the traceback)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(code=1) from None
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Federated fine-tuning of pretrained language models."
+    cls=Commands,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Federated fine-tuning of pretrained language models.",
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,  # never print local variables: they hold clients' training text
 )
-console = Console()
+console = Console()  # progress and results
+error_console = Console(stderr=True)  # errors, warnings and log messages
 
 # The demo: the bundled all-MiniLM-L6-v2 on BBC News, 5 IID clients, 3 rounds. 1,000 articles
 # (200 held out to validate; of each client's 160, 144 train and 16 test) at 128 tokens keep it
@@ -45,7 +80,7 @@ def _run(config: RunConfig, resume: bool = False) -> None:
     from fedlm.runtime import build_simulation, run_federation
 
     logging.basicConfig(
-        level=logging.WARNING, handlers=[RichHandler(console=console, show_path=False)], format="%(message)s"
+        level=logging.WARNING, handlers=[RichHandler(console=error_console, show_path=False)], format="%(message)s"
     )
     rounds = config.federation.rounds
     console.print(
@@ -132,8 +167,17 @@ def partition_table(summary: dict[str, Any], max_rows: int = 40) -> Table:
 
 
 def _fail(error: FedlmError) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an unexpected error"),
+) -> None:
+    # the options every command takes, given before it: fedlm --debug run CONFIG
+    ctx.meta[DEBUG] = debug
 
 
 @app.command()
@@ -182,13 +226,19 @@ def certs(
         ["127.0.0.1", "localhost"], help="a name or IP address SuperNodes use to reach the SuperLink (repeat)"
     ),
     node: list[str] = typer.Option([], help="also write an authentication key pair for this SuperNode (repeat)"),
+    force: bool = typer.Option(False, help="replace existing certificates and keys in FOLDER (the old ones are lost)"),
 ) -> None:
     """TLS certificates for a SuperLink (and SuperNode authentication keys) for a Flower deployment."""
-    from fedlm.runtime.flower.certs import make_certificates, make_node_keys
+    from fedlm.runtime.flower.certs import check_node_name, make_certificates, make_node_keys
 
-    paths = make_certificates(folder, host)
-    for name in node:
-        paths.update(make_node_keys(folder, name))
+    try:
+        for name in node:  # before anything is written
+            check_node_name(name)
+        paths = make_certificates(folder, host, force=force)
+        for name in node:
+            paths.update(make_node_keys(folder, name, force=force))
+    except FedlmError as error:
+        _fail(error)
     for path in paths.values():
         console.print(f"wrote {path}")
 
@@ -197,6 +247,7 @@ def certs(
 def he_keys(
     folder: Path = typer.Argument(..., help="where to write he-secret.ctx and he-public.ctx"),
     poly_modulus_degree: int = typer.Option(8192, help="CKKS ring degree: 8192 or 16384"),
+    force: bool = typer.Option(False, help="replace existing keys in FOLDER (the old ones are lost)"),
 ) -> None:
     """CKKS keys for homomorphic aggregation: he-secret.ctx for every SuperNode (--node-config
     he-secret-context=...), never the server; he-public.ctx for the server (homomorphic.public_context)."""
@@ -205,7 +256,7 @@ def he_keys(
     if poly_modulus_degree not in (8192, 16384):
         _fail(ConfigError(f"--poly-modulus-degree must be 8192 or 16384, got {poly_modulus_degree}"))
     try:
-        paths = HomomorphicKeys(poly_modulus_degree).save(folder)
+        paths = HomomorphicKeys(poly_modulus_degree).save(folder, force=force)
     except FedlmError as error:
         _fail(error)
     for path in paths.values():
@@ -225,10 +276,11 @@ def partition(
 
     try:
         config = load_config(config_path)
+        folder = output_dir or config.output_dir
+        check_output_dir(folder)
         summary = partition_summary(prepare_federated_data(config))
     except FedlmError as error:
         _fail(error)
-    folder = output_dir or config.output_dir
     write_partition_report(summary, folder)
     table = partition_table(summary)
     needed = Console(width=500).measure(table).maximum

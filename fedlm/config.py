@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedlm.errors import ConfigError
 
 CONFIG_VERSION = 1
+# torch device strings fedlm accepts: cpu, or a backend with an optional device index
+DEVICE_PATTERN = re.compile(r"cpu|(cuda|mps|xpu)(:[0-9]+)?")
 
 
 class Section(BaseModel):
@@ -214,6 +217,16 @@ class TrainingConfig(Section):
     dp_sgd: DPSGDConfig | None = Field(
         None, description="train every client with DP-SGD (sample-level DP; batches are Poisson-sampled)"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, device: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ValueError(
+                f"{device!r} is not a device fedlm can train on: use cpu, cuda, cuda:N (the GPU with index N), "
+                "mps (Apple silicon) or xpu, xpu:N (Intel GPUs)"
+            )
+        return device
 
 
 class LoraConfig(Section):
@@ -487,6 +500,25 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _rounds_can_aggregate(self) -> RunConfig:
+        """The checks of `cohort_problem` for the clients per round the config states (the runtimes
+        check again once they know how many clients there are)."""
+        federation, partition = self.federation, self.data.partition
+        if isinstance(partition, PredefinedPartitionConfig):
+            stated = None if partition.clients is None else len(partition.clients)
+        else:
+            stated = getattr(partition, "num_clients", None)  # a natural partition's clients come from its data
+        if federation.clients_per_round is not None:
+            problem = cohort_problem(self, federation.clients_per_round, "federation.clients_per_round")
+        elif stated is not None and federation.fraction is None and self.deployment.num_clients is None:
+            problem = cohort_problem(self, stated, "data.partition: every client takes part in each round")
+        else:
+            problem = None
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def _check_summed_updates(self, section: str) -> None:
         needs_updates = {
             "algorithm (distillation)": self.algorithm is not None,
@@ -509,6 +541,56 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def cohort_problem(config: RunConfig, cohort: int, source: str) -> str | None:
+    """Why no round of `config` could aggregate when `cohort` clients take part in each round
+    (`source` says where that number comes from), or None: federation.min_clients above the
+    cohort, or secure aggregation over fewer clients than its neighbourhoods and threshold need."""
+    min_clients = config.federation.min_clients
+    if min_clients > cohort:
+        return (
+            f"federation.min_clients ({min_clients}) exceeds the {cohort} client(s) taking part in each round "
+            f"({source}): every round would be skipped; lower min_clients or let more clients take part"
+        )
+    settings = config.secure_aggregation
+    if settings is None:
+        return None
+    if cohort < 2:
+        return (
+            f"secure_aggregation needs at least 2 clients per round to hide each update in a sum; this run has "
+            f"{cohort} ({source})"
+        )
+    from fedlm.privacy.secure_aggregation import SecAggSettings
+
+    defaults = SecAggSettings.for_clients(cohort)  # what the rounds use for the settings the config leaves out
+    neighbours = settings.num_neighbours or defaults.num_neighbours
+    threshold = settings.threshold or defaults.threshold
+    if neighbours > cohort - 1:
+        return (
+            f"secure_aggregation.num_neighbours ({neighbours}) exceeds the {cohort - 1} other clients in a round of "
+            f"{cohort} ({source}); lower it or let more clients take part"
+        )
+    if threshold > neighbours:
+        given = "secure_aggregation.threshold" if settings.threshold else "the default secure_aggregation.threshold"
+        return (
+            f"{given} ({threshold}) exceeds the {neighbours} neighbours each client has in a round of {cohort} "
+            f"({source}); set secure_aggregation.threshold to at most {neighbours}"
+        )
+    return None
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Refuse an output folder that cannot be made because it, or a folder above it, is a file."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(
+                    f"output_dir {path}: {folder} is a file, so the run folder cannot be made there; "
+                    "choose another output_dir (or --output-dir)"
+                )
+            return
+
+
 def parse_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
@@ -519,16 +601,58 @@ def parse_config(data: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {problems}") from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error (PyYAML
+    keeps the last one silently). Keys merged in with `<<` may still be overridden, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first}); remove one", key_node.start_mark
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+EXAMPLE_CONFIG = "examples/configs/bbc-dirichlet.yaml"
+
+
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at offset {error.start} "
+            f"(line {line}); save it as UTF-8"
+        ) from None
+    loader = UniqueKeyLoader(text)
+    loader.name = str(path)  # YAML errors say "in <path>, line N"
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
     if data is None:
-        data = {}
+        raise ConfigError(
+            f"config file {path} is empty (or only comments), so it describes no run: start from the demo's config "
+            f"(`fedlm demo --print-config > {path.name}`) or an example such as {EXAMPLE_CONFIG} in fedlm's repository"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, federation, training)")
     return parse_config(data, source=str(path))

@@ -19,8 +19,11 @@ from fedlm.config import (
     EnsembleDistillationConfig,
     Ia3Config,
     LoraConfig,
+    PromptTuningConfig,
     RunConfig,
     StrategyConfig,
+    check_output_dir,
+    cohort_problem,
 )
 from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
 from fedlm.core.robust import ROBUST_AGGREGATES
@@ -112,6 +115,7 @@ def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: 
     config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
     when given). Every participant builds the same one."""
     model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
+    check_max_length(config, model, model_name)
     if config.peft is None:
         return model
     settings = config.peft
@@ -121,6 +125,47 @@ def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: 
     if isinstance(config.peft, LoraConfig) and config.peft.aggregation == "ffa":
         freeze_lora_a(model)
     return model
+
+
+def check_max_length(config: RunConfig, model: torch.nn.Module, model_name: str) -> None:
+    """Refuse a `training.max_length` longer than the sequences `model` has position embeddings
+    for (`max_position_embeddings`, GPT-2's `n_positions`); prompt tuning's virtual tokens count too."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None:  # no learned positions: no limit to check
+        return
+    embeddings = getattr(model.base_model, "embeddings", None)
+    padding = getattr(embeddings, "padding_idx", None)
+    if padding is not None:  # RoBERTa-style positions start after the padding index
+        limit -= padding + 1
+    tokens, virtual = config.training.max_length, 0
+    if isinstance(config.peft, PromptTuningConfig):
+        virtual = config.peft.num_virtual_tokens
+    if tokens + virtual > limit:
+        prompt = f" plus peft.num_virtual_tokens {virtual}" if virtual else ""
+        raise ConfigError(
+            f"training.max_length {tokens}{prompt} exceeds the {limit} positions model {model_name} has embeddings "
+            f"for; set training.max_length to at most {limit - virtual}"
+        )
+
+
+def check_device(device: str) -> None:
+    """Refuse a `training.device` (checked for form by the config) that this machine does not have."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return
+    if kind == "mps":
+        count = 1 if torch.backends.mps.is_available() else 0
+    else:  # cuda, xpu
+        backend = getattr(torch, kind)
+        count = backend.device_count() if backend.is_available() else 0
+    if count == 0:
+        raise ConfigError(
+            f"training.device {device}: this machine has no {kind} device (torch {torch.__version__}); use cpu"
+        )
+    if index and int(index) >= count:
+        raise ConfigError(
+            f"training.device {device}: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
+        )
 
 
 def peft_config(settings: AdapterConfig) -> Any:
@@ -174,6 +219,7 @@ def build_algorithm(
         return EnsembleDistillation(public, **columns, **training)
     student_name = settings.student or config.model.name
     student = load_classifier(student_name, num_labels=num_labels, seed=derive_seed(config.seed, "student"))
+    check_max_length(config, student, student_name)
     return FederatedDistillation(
         public, student, load_tokenizer(student_name), client_output=settings.client_output,
         digest_epochs=settings.digest_epochs, **columns, **training,
@@ -192,13 +238,29 @@ def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
     return [ranks[index % len(ranks)] for index in range(num_clients)]
 
 
+def cohort_source(config: RunConfig, num_clients: int) -> str:
+    """Where the number of clients per round comes from, for `cohort_problem`'s message."""
+    federation = config.federation
+    if federation.clients_per_round is not None:
+        return "federation.clients_per_round"
+    if federation.fraction is not None:
+        return f"federation.fraction {federation.fraction} of the {num_clients} clients"
+    return f"all {num_clients} clients of data.partition take part"
+
+
 def build_simulation(config: RunConfig) -> Federation:
     """The config's federation in this process: its data partitioned into data-only clients that
     share one model replica."""
+    check_output_dir(config.output_dir)
+    check_device(config.training.device)
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     federated = prepare_federated_data(config)
-    clients_per_round = resolve_clients_per_round(config, len(federated.clients))
+    num_clients = len(federated.clients)
+    clients_per_round = resolve_clients_per_round(config, num_clients)
+    problem = cohort_problem(config, clients_per_round or num_clients, cohort_source(config, num_clients))
+    if problem:
+        raise ConfigError(problem)
     label_map = LabelMap.from_values(federated.label_values())
     # clients with the same model (and LoRA rank) share one replica
     kinds = list(

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from conftest import make_records, run_fedlm
@@ -33,17 +34,52 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "partition.json").exists() and (tmp_path / "out" / "partition.png").exists()
 
 
-def test_bad_config_exits_2_and_names_the_field(tmp_path):
+def test_bad_config_exits_2_and_names_the_field_on_stderr(tmp_path):
     (tmp_path / "run.yaml").write_text("federation: {rounds: -1}\n")
     result = fedlm("run", "run.yaml", cwd=tmp_path)
     assert result.returncode == 2
-    assert "federation.rounds" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith("error: run.yaml: federation.rounds") and result.stdout == ""
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_missing_dataset_exits_2_and_names_the_file(tmp_path, tiny_model_dir):
     (tmp_path / "run.yaml").write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{dataset: nowhere.csv}}\n")
     result = fedlm("run", "run.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "nowhere.csv does not exist" in result.stdout
+    assert result.returncode == 2 and "nowhere.csv does not exist" in result.stderr
+
+
+CRASHING_CLI = """
+import sys
+import fedlm.cli
+
+def load_config(path):
+    client_text = "patient 17 was diagnosed with"  # a local an unexpected error must not print
+    raise RuntimeError("something broke")
+
+fedlm.cli.load_config = load_config
+sys.argv[0] = "fedlm"
+fedlm.cli.app()
+"""
+
+
+def test_an_unexpected_error_is_one_line_on_stderr_and_exit_1_unless_debug(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_CLI)
+    result = subprocess.run([sys.executable, str(script), "run", "x.yaml"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        "error: internal error: RuntimeError: something broke (run with --debug for the traceback)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script), "--debug", "run", "x.yaml"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr and "in load_config\n" in result.stderr
+    assert result.stderr.rstrip().endswith("RuntimeError: something broke")
+    assert "patient 17" not in result.stderr
 
 
 def test_demo_config_is_valid_and_printable(tmp_path):
@@ -102,3 +138,46 @@ def test_he_keys_writes_a_secret_context_for_clients_and_a_public_one_for_the_se
     result = fedlm("run", "he.yaml", "--backend", "flower", "--superlink", "127.0.0.1:9", "--insecure", cwd=tmp_path)
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0 and "holds the secret key; the server must get he-public.ctx only" in output
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_he_keys_never_replace_a_secret_without_force_and_write_it_owner_only(tmp_path):
+    secret = tmp_path / "he-secret.ctx"
+    secret.write_bytes(b"the old secret")
+    secret.chmod(0o644)
+    refused = invoke("he-keys", tmp_path)
+    assert refused.exit_code == 2 and f"{secret}" in refused.stderr and "--force" in refused.stderr
+    assert secret.read_bytes() == b"the old secret" and not (tmp_path / "he-public.ctx").exists()
+    replaced = invoke("he-keys", tmp_path, "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert secret.read_bytes() != b"the old secret" and secret.stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["he-public.ctx", "he-secret.ctx"]  # no temp files
+
+
+def test_certs_never_replace_a_ca_key_without_force(tmp_path):
+    assert invoke("certs", tmp_path).exit_code == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    refused = invoke("certs", tmp_path, "--node", "a")
+    assert refused.exit_code == 2 and str(tmp_path / "ca.key") in refused.stderr and "--force" in refused.stderr
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    (tmp_path / "ca.key").chmod(0o644)
+    replaced = invoke("certs", tmp_path, "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert (tmp_path / "ca.key").read_bytes() != before["ca.key"]
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", ".", "", "a b"])
+def test_certs_refuse_node_names_that_are_not_plain_names(tmp_path, name):
+    folder = tmp_path / "deep" / "certs"
+    result = invoke("certs", folder, "--node", name)
+    assert result.exit_code == 2 and "--node" in result.stderr and "letters, digits" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, inside the folder or out of it

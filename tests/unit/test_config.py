@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fedlm.config import load_config, parse_config
@@ -53,6 +55,9 @@ def test_defaults_and_a_full_config(tmp_path):
         ),
         ({"federation": {"clients_per_round": 2, "fraction": 0.5}}, "give clients_per_round or fraction, not both"),
         ({"version": 9}, "config version 9 is newer"),
+        ({"training": {"device": "banana"}}, "training.device: .*'banana' .*use cpu, cuda, cuda:N"),
+        ({"training": {"device": "cuda:x"}}, "training.device: .*use cpu, cuda, cuda:N"),
+        ({"training": {"device": "gpu"}}, "training.device"),
     ],
 )
 def test_errors_name_the_field(data, message):
@@ -69,3 +74,103 @@ def test_unreadable_and_malformed_config_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:7", "mps", "xpu:1"])
+def test_device_forms_are_accepted_at_config_time(device):
+    assert parse_config({"training": {"device": device}}).training.device == device
+
+
+def test_a_config_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1\nmodel: {name: caf\u00e9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text: byte 0xe9 at offset 25 \(line 2\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# a comment\n# seed: 1\n"])
+def test_an_empty_config_is_refused_and_points_to_a_starting_config(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run.yaml is empty .*fedlm demo --print-config.*examples/configs/") as error:
+        load_config(path)
+    assert "examples/configs/bbc-dirichlet.yaml" in str(error.value)
+    assert (Path(__file__).parents[2] / "examples" / "configs" / "bbc-dirichlet.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("seed: 1\nfederation:\n  rounds: 2\n  min_clients: 1\n  rounds: 5\n", "rounds", 5),
+        ("seed: 1\nmodel: {name: minilm}\nseed: 2\n", "seed", 3),
+        ("federation: {rounds: 2, rounds: 3}\n", "rounds", 1),
+    ],
+)
+def test_a_key_given_twice_names_the_key_and_line(tmp_path, text, key, line):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"key '{key}' is given twice .*\n.*run.yaml\", line {line}"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("federation:\n  <<: {rounds: 2, min_clients: 1}\n  rounds: 4\n")
+    assert load_config(path).federation.rounds == 4
+
+
+def iid(num_clients: int, **sections) -> dict:
+    return {"data": {"partition": {"kind": "iid", "num_clients": num_clients}}, **sections}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            iid(2, federation={"min_clients": 3}),
+            r"federation.min_clients \(3\) exceeds the 2 client\(s\) taking part in each round \(data.partition",
+        ),
+        (
+            iid(5, federation={"min_clients": 3, "clients_per_round": 2}),
+            r"federation.min_clients \(3\) exceeds the 2 .*federation.clients_per_round",
+        ),
+        (
+            {"data": {"partition": {"kind": "predefined", "clients": ["a.csv"]}}, "federation": {"min_clients": 2}},
+            r"federation.min_clients \(2\) exceeds the 1 client",
+        ),
+        (
+            iid(1, secure_aggregation={}),
+            r"secure_aggregation needs at least 2 clients per round .*this run has 1 \(data.partition",
+        ),
+        (
+            iid(5, federation={"clients_per_round": 1}, secure_aggregation={}),
+            r"secure_aggregation needs at least 2 .*has 1 \(federation.clients_per_round\)",
+        ),
+        (
+            iid(3, secure_aggregation={"threshold": 3}),
+            r"secure_aggregation.threshold \(3\) exceeds the 2 neighbours each client has in a round of 3",
+        ),
+        (
+            iid(10, secure_aggregation={"num_neighbours": 2}),
+            r"the default secure_aggregation.threshold \(5\) exceeds the 2 neighbours",
+        ),
+        (iid(3, secure_aggregation={"num_neighbours": 3}), r"secure_aggregation.num_neighbours \(3\) exceeds the 2"),
+    ],
+)
+def test_configs_whose_rounds_cannot_aggregate_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        iid(2, federation={"min_clients": 2}),
+        iid(3, secure_aggregation={"threshold": 2}),
+        iid(1, federation={"fraction": 0.5}),  # clients per round known only once the clients are: the runtime checks
+        {"data": {"partition": {"kind": "natural", "column": "author"}}, "secure_aggregation": {}},
+        iid(1, secure_aggregation={}, deployment={"num_clients": 3}),  # the Flower count differs: checked at run time
+    ],
+)
+def test_rounds_that_can_aggregate_or_depend_on_the_data_pass(data):
+    parse_config(data)

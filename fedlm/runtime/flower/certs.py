@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
+import re
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -18,13 +21,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedlm.errors import ConfigError
+
 VALID_DAYS = 365
+NODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-def make_certificates(folder: Path, hosts: list[str], valid_days: int = VALID_DAYS) -> dict[str, Path]:
+def make_certificates(
+    folder: Path, hosts: list[str], valid_days: int = VALID_DAYS, force: bool = False
+) -> dict[str, Path]:
     """Write ca.crt, ca.key, server.pem and server.key into `folder`; the server certificate is
-    valid for each of `hosts` (DNS names or IP addresses). Returns the paths by file name."""
+    valid for each of `hosts` (DNS names or IP addresses). Returns the paths by file name.
+    Existing files are replaced only with `force`."""
     folder = Path(folder)
+    _refuse_existing([folder / name for name in ("ca.crt", "ca.key", "server.pem", "server.key")], force)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -45,19 +55,30 @@ def make_certificates(folder: Path, hosts: list[str], valid_days: int = VALID_DA
         .sign(ca_key, hashes.SHA384())
     )
     paths = {
-        "ca.crt": _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        "ca.key": _write(folder / "ca.key", _private_pem(ca_key), private=True),
-        "server.pem": _write(folder / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM)),
-        "server.key": _write(folder / "server.key", _private_pem(server_key), private=True),
+        "ca.crt": _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), force=force),
+        "ca.key": _write(folder / "ca.key", _private_pem(ca_key), private=True, force=force),
+        "server.pem": _write(folder / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM), force=force),
+        "server.key": _write(folder / "server.key", _private_pem(server_key), private=True, force=force),
     }
     return paths
 
 
-def make_node_keys(folder: Path, name: str) -> dict[str, Path]:
+def check_node_name(name: str) -> None:
+    """A SuperNode name names its key files: letters, digits, '-', '_' and '.', never a path."""
+    if not NODE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(
+            f"--node {name!r}: a SuperNode name may hold letters, digits, '-', '_' and '.' (no path separators, "
+            "not '.' or '..'), e.g. clinic-a"
+        )
+
+
+def make_node_keys(folder: Path, name: str, force: bool = False) -> dict[str, Path]:
     """A SuperNode's authentication key pair in OpenSSH format (EC P-384, what Flower expects):
     `NAME.key` stays on the SuperNode (`--auth-supernode-private-key`), `NAME.pub` is registered
-    with the SuperLink (`flwr supernode register NAME.pub`)."""
+    with the SuperLink (`flwr supernode register NAME.pub`). Existing files are replaced only with `force`."""
+    check_node_name(name)
     folder = Path(folder)
+    _refuse_existing([folder / f"{name}.key", folder / f"{name}.pub"], force)
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
@@ -65,8 +86,8 @@ def make_node_keys(folder: Path, name: str) -> dict[str, Path]:
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return {
-        f"{name}.key": _write(folder / f"{name}.key", private, private=True),
-        f"{name}.pub": _write(folder / f"{name}.pub", public + f" {name}\n".encode()),
+        f"{name}.key": _write(folder / f"{name}.key", private, private=True, force=force),
+        f"{name}.pub": _write(folder / f"{name}.pub", public + f" {name}\n".encode(), force=force),
     }
 
 
@@ -95,8 +116,28 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.write_bytes(data)
-    if private:
-        path.chmod(0o600)
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """Keys are never replaced silently: without `force`, refuse before writing anything."""
+    existing = [str(path) for path in paths if os.path.lexists(path)]
+    if existing and not force:
+        raise ConfigError(f"{', '.join(existing)} already exist(s): pass --force to replace the old keys for good")
+
+
+def _write(path: Path, data: bytes, private: bool = False, force: bool = False) -> Path:
+    """`data` in a new file at `path`, mode 0600 when `private`, created with O_EXCL (never through
+    an existing file or link); with `force` the new file is written beside `path` and renamed over
+    it, so that an old file's mode never carries over to a new key."""
+    target = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp") if force else path
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists: pass --force to replace it") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
     return path
