@@ -97,6 +97,10 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="share of each client's data kept as its test split"
     )
     partition: PartitionConfig = Field(IidPartitionConfig(), description="how the data is split into clients")
+    # the bounds of fedlm.data.labels (MAX_LABELS, MAX_WIRE_LABELS), written out: configs load without torch
+    max_labels: int = Field(
+        10_000, ge=2, le=100_000, description="most classes a run accepts (integer labels: ids below it)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +132,9 @@ class FederationConfig(Section):
     min_clients: int = Field(1, ge=1, description="fewest valid updates a round needs to aggregate")
     round_timeout: float | None = Field(None, gt=0, description="seconds; later updates are dropped as timed out")
     checkpoint_every: int = Field(1, ge=0, description="write a checkpoint every this many rounds; 0 never")
+    max_client_examples: int | None = Field(
+        None, ge=1, description="the most examples one client's update counts for in the average; none when omitted"
+    )
 
     @model_validator(mode="after")
     def _one_sample_size(self) -> FederationConfig:
@@ -285,7 +292,7 @@ class CodecConfig(Section):
     """A communication codec (fedlm.core.compression)."""
 
     kind: Literal["float16", "bfloat16", "int8", "topk"]
-    block: int = Field(2048, ge=1, description="int8: values sharing one scale")
+    block: int = Field(2048, ge=1, le=1 << 24, description="int8: values sharing one scale (at most 2^24)")
     fraction: float = Field(0.01, gt=0, le=1, description="topk: share of coordinates sent")
     error_feedback: bool = Field(
         False, description="uploads: carry what the codec drops into the next round (recommended with topk)"

@@ -19,7 +19,7 @@ import torch
 
 from fedlm import gate, wire
 from fedlm.core.compression import Codec, codec_from_spec, codec_spec
-from fedlm.data.labels import MAX_LABELS
+from fedlm.data.labels import MAX_WIRE_LABELS
 from fedlm.errors import WireError
 
 
@@ -207,7 +207,7 @@ class ClientInfo(WireMessage):
             gate.text(meta.get("name"), "name"),
             gate.integer(meta.get("num_examples"), "num_examples"),
             gate.integer(meta.get("num_test_examples"), "num_test_examples"),
-            gate.text_list(meta.get("labels"), "labels", MAX_LABELS),
+            gate.text_list(meta.get("labels"), "labels", MAX_WIRE_LABELS),
             gate.optional_integer(meta.get("lora_rank"), "lora_rank", minimum=1, maximum=1 << 16),
         )
 

@@ -10,6 +10,7 @@ from typing import Any
 from fedlm.errors import DatasetError
 
 MAX_LABELS = 10_000
+MAX_WIRE_LABELS = 100_000  # label keys one client may report over the wire, whatever a run's max_labels
 """The most classes a label map may hold by default: a label column that holds ids like 50000, or free
 text, would otherwise silently make a head of tens of thousands of classes."""
 

@@ -261,7 +261,7 @@ def build_simulation(config: RunConfig) -> Federation:
     problem = cohort_problem(config, clients_per_round or num_clients, cohort_source(config, num_clients))
     if problem:
         raise ConfigError(problem)
-    label_map = LabelMap.from_values(federated.label_values())
+    label_map = LabelMap.from_values(federated.label_values(), config.data.max_labels)
     # clients with the same model (and LoRA rank) share one replica
     kinds = list(
         zip(client_model_names(config, len(federated.clients)), client_lora_ranks(config, len(federated.clients)))
@@ -282,6 +282,7 @@ def build_simulation(config: RunConfig) -> Federation:
         strategy,
         seed=config.seed,
         min_clients=config.federation.min_clients,
+        max_client_examples=config.federation.max_client_examples,
         round_timeout=config.federation.round_timeout,
         lora_aggregation=lora_aggregation(config),
         algorithm=build_algorithm(config, label_map.num_labels, federated.public),

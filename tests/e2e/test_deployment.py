@@ -297,7 +297,7 @@ def test_mismatched_certificates_fail_clearly(deployment, write_config, client_f
     command[command.index("--root-certificates") + 1] = str(other["ca.crt"])
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    message = " ".join(result.stdout.split())  # the console wraps long lines
+    message = " ".join((result.stdout + result.stderr).split())  # the console wraps long lines
     assert f"{other['ca.crt']} does not verify" in message and "as --root-certificates" in message
 
 

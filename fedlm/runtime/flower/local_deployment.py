@@ -58,7 +58,7 @@ class LocalDeployment:
     def __init__(self, folder: Path, authenticate_nodes: bool = True) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.certs = make_certificates(self.folder / "certs", ["127.0.0.1", "localhost"])
+        self.certs = make_certificates(self.folder / "certs", ["127.0.0.1", "localhost"], force=True)
         self.authenticate_nodes = authenticate_nodes
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -142,7 +142,7 @@ class LocalDeployment:
             "--node-config", node_config_text(node_config),
         ]  # fmt: skip
         if self.authenticate_nodes:
-            keys = make_node_keys(self.folder / "node-keys", name)
+            keys = make_node_keys(self.folder / "node-keys", name, force=True)
             registered = self.flwr("supernode", "register", str(keys[f"{name}.pub"])) if register else None
             if registered is not None and registered.returncode != 0:
                 raise FedlmError(f"cannot register SuperNode {name}: {registered.stdout}{registered.stderr}")

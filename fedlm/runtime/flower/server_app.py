@@ -22,7 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlm.client import TrainingOptions
-from fedlm.config import PredefinedPartitionConfig, RunConfig
+from fedlm.config import PredefinedPartitionConfig, RunConfig, cohort_problem
 from fedlm.data.labels import LabelMap
 from fedlm.distillation import FederatedDistillation
 from fedlm.errors import ConfigError, DatasetError, FedlmError
@@ -38,6 +38,7 @@ from fedlm.runtime.local import (
     build_algorithm,
     build_model,
     build_strategy,
+    check_device,
     configure_codecs,
     lora_aggregation,
 )
@@ -117,13 +118,15 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _with_usable_labels(infos: list[tuple[int, ClientInfo]]) -> tuple[list[tuple[int, ClientInfo]], list[str]]:
+def _with_usable_labels(
+    infos: list[tuple[int, ClientInfo]], max_labels: int
+) -> tuple[list[tuple[int, ClientInfo]], list[str]]:
     """The nodes whose labels can join a label map (integer labels within the class bound), and
     a line naming each other node and why."""
     usable, failures = [], []
     for node_id, info in infos:
         try:
-            LabelMap.from_values(info.labels)
+            LabelMap.from_values(info.labels, max_labels)
             usable.append((node_id, info))
         except DatasetError as error:
             failures.append(f"node {node_id} (client {info.name}): {error}")
@@ -132,6 +135,7 @@ def _with_usable_labels(infos: list[tuple[int, ClientInfo]]) -> tuple[list[tuple
 
 def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     """The server side of a deployment: nodes found and named, the global model built."""
+    check_device(config.training.device)  # the server evaluates the global model on it
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     if config.data.validation_file is None:
@@ -141,7 +145,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         )
     node_ids = wait_for_nodes(grid, expected_clients(config), config.deployment.node_wait_timeout)
     infos, failures = query_clients(grid, node_ids, time.monotonic() + config.deployment.node_wait_timeout)
-    infos, label_failures = _with_usable_labels(infos)
+    infos, label_failures = _with_usable_labels(infos, config.data.max_labels)
     for failure in failures + label_failures:
         logger.warning("SuperNode excluded: %s", failure)
     names = [info.name for _, info in infos]
@@ -160,7 +164,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     clients = [info for _, info in infos]
     described = (f"{info.name} (node {node_id}, {info.num_examples} examples)" for node_id, info in infos)
     logger.info("clients: %s", ", ".join(described))
-    label_map = LabelMap.from_values(label for info in clients for label in info.labels)
+    label_map = LabelMap.from_values((label for info in clients for label in info.labels), config.data.max_labels)
     algorithm = build_algorithm(config, label_map.num_labels)
     if isinstance(algorithm, FederatedDistillation):  # the student is the global model
         model, tokenizer = algorithm.student, algorithm.tokenizer
@@ -173,6 +177,9 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     transport = FlowerTransport(grid, {info.name: node_id for node_id, info in infos}, label_map.label2id)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     clients_per_round = resolve_clients_per_round(config, len(clients))
+    problem = cohort_problem(config, clients_per_round or len(clients), f"{len(clients)} SuperNodes can take part")
+    if problem:
+        raise ConfigError(problem)
     strategy, accounting = add_privacy(
         config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
     )
@@ -186,6 +193,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         strategy,
         seed=config.seed,
         min_clients=config.federation.min_clients,
+        max_client_examples=config.federation.max_client_examples,
         round_timeout=config.federation.round_timeout,
         lora_aggregation=lora_aggregation(config),
         algorithm=algorithm,
