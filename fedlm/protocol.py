@@ -165,6 +165,7 @@ class ClientInfo(WireMessage):
     num_test_examples: int
     labels: list[str]  # label keys of its training data
     lora_rank: int | None = None  # its LoRA rank, when it may differ from the global one
+    data_fingerprint: dict[str, Any] | None = None  # FedClient.fingerprint_rows of its data, checked on resume
 
     KIND: ClassVar[str] = "client_info"
 
@@ -179,6 +180,7 @@ class ClientInfo(WireMessage):
             "num_test_examples": self.num_test_examples,
             "labels": self.labels,
             "lora_rank": self.lora_rank,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     @classmethod
@@ -189,6 +191,7 @@ class ClientInfo(WireMessage):
             int(meta["num_test_examples"]),
             list(meta["labels"]),
             None if meta.get("lora_rank") is None else int(meta["lora_rank"]),
+            meta.get("data_fingerprint") if isinstance(meta.get("data_fingerprint"), dict) else None,
         )
 
 
