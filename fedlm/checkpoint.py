@@ -1,20 +1,31 @@
-"""Checkpoints: everything a run needs to continue bit for bit, written atomically.
+"""Checkpoints: everything a run needs to continue bit for bit, written atomically and checked on load.
 
 A checkpoint folder holds the global parameters (and distillation's last soft labels), the
 strategy state and the clients' own state (SCAFFOLD variates, error-feedback residuals and
 distillation clients' models, which live on the server in a simulation) as safetensors, and the round,
-the metric records and the config as JSON. It is written to a temporary folder that is then
-renamed over the previous checkpoint, so a crash leaves the previous one intact.
+the metric records, the config, each file's sha256 and a fingerprint of each client's data as JSON.
+It is written to a temporary folder that is then renamed over the previous checkpoint, so a crash
+leaves the previous one intact. Loading refuses a checkpoint whose state.json is malformed, whose
+files do not match their checksums, whose tensors hold NaN or infinity, or whose clients' data has
+changed since (unless the caller allows it).
+
+The module also holds the writers every run output goes through: `json_text` (JSON without bare
+NaN or Infinity, which are not JSON) and `write_atomic` / `replace_folder` (temporary file or
+folder, then rename).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -22,16 +33,105 @@ from fedlm.client import FedClient
 from fedlm.errors import ConfigError
 from fedlm.server import FedServer
 
-CHECKPOINT_VERSION = 1
+logger = logging.getLogger("fedlm")
+
+CHECKPOINT_VERSION = 2  # 2: file checksums and client data fingerprints
 # Config fields a resumed run may change: where it writes, how long it runs, how it waits for nodes,
 # and the privacy budget it may spend (epsilon is accounted across the resume either way).
 RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every", "deployment", "dp.max_epsilon")
+TENSOR_FILES = ("global.safetensors", "strategy.safetensors", "clients.safetensors")
+# what state.json must hold, and of which JSON type
+STATE_FIELDS: dict[str, type] = {
+    "round": int, "strategy": str, "num_parameters": int, "clients": list, "config": dict,
+    "records": list, "history": list, "files": dict, "data": dict,
+}  # fmt: skip
+TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
 
 
-def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any]], config: dict[str, Any]) -> None:
+# ---- writing run outputs ---------------------------------------------------------------------
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None (JSON null). Each object that held
+    one, directly or in a list, names those keys under "non_finite", so that a null says why."""
+    clean, _ = _finite(value)
+    return clean
+
+
+def _finite(value: Any) -> tuple[Any, bool]:
+    """(value cleaned, whether a non-finite float was replaced outside a nested object)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, True
+    if isinstance(value, dict):
+        clean, flagged = {}, []
+        for key, item in value.items():
+            clean[key], replaced = _finite(item)
+            if replaced:
+                flagged.append(str(key))
+        if flagged:
+            clean["non_finite"] = sorted(set(clean.get("non_finite") or []) | set(flagged))
+        return clean, False
+    if isinstance(value, (list, tuple)):
+        items = [_finite(item) for item in value]
+        return [item for item, _ in items], any(replaced for _, replaced in items)
+    return value, False
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """`value` as strict JSON: non-finite floats as null, flagged (`finite_json`)."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: a crash leaves the previous
+    file or the new one, never a part of either."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with temporary.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def replace_folder(temporary: Path, folder: Path) -> None:
+    """Rename the finished folder `temporary` over `folder`; in between, the previous one is kept
+    as `folder`.old (a crash there leaves it, and `load_checkpoint` looks for it)."""
+    previous = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(folder, previous)
+    os.replace(temporary, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def data_fingerprints(server: FedServer) -> dict[str, dict[str, Any] | None]:
+    """Each client's data fingerprint by name (`FedClient.data_fingerprint`; a remote client's is
+    what it reported in its `ClientInfo`, None when it reported none)."""
+    return {
+        client.name: client.data_fingerprint() if isinstance(client, FedClient) else client.data_fingerprint
+        for client in server.clients
+    }
+
+
+def save_checkpoint(
+    server: FedServer,
+    folder: Path,
+    records: list[dict[str, Any]],
+    config: dict[str, Any],
+    data: dict[str, dict[str, Any] | None] | None = None,
+) -> None:
+    """Write the server's state to `folder` (atomically). `data`: the clients' data fingerprints
+    (`data_fingerprints(server)`, computed when not given)."""
     folder = Path(folder)
     temporary = folder.with_name(folder.name + ".tmp")
-    previous = folder.with_name(folder.name + ".old")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     global_state = {"parameters": server.global_params.contiguous()}
@@ -56,35 +156,50 @@ def save_checkpoint(server: FedServer, folder: Path, records: list[dict[str, Any
         "records": records,
         "history": server.history,
         "privacy": None if server.privacy is None else server.privacy.accountant.state(),
+        "files": {name: _sha256(temporary / name) for name in TENSOR_FILES},
+        "data": data_fingerprints(server) if data is None else data,
     }
-    (temporary / "state.json").write_text(json.dumps(state))
+    (temporary / "state.json").write_text(json_text(state))
     _fsync_folder(temporary)
-    if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(folder, previous)
-    os.replace(temporary, folder)
-    shutil.rmtree(previous, ignore_errors=True)
+    replace_folder(temporary, folder)
 
 
-def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Restore `server` from `folder` and return the metric records written so far."""
+def load_checkpoint(
+    server: FedServer,
+    folder: Path,
+    config: dict[str, Any],
+    data: dict[str, dict[str, Any] | None] | None = None,
+    allow_data_change: bool = False,
+) -> list[dict[str, Any]]:
+    """Restore `server` from `folder` and return the metric records written so far.
+
+    Refuses (ConfigError) a missing checkpoint, a malformed state.json, a file that does not match
+    its checksum, non-finite tensors, another config, model or client list, and, unless
+    `allow_data_change`, clients whose data differs from the checkpoint's fingerprints (`data`:
+    the current ones, computed when not given)."""
     folder = Path(folder)
     if not (folder / "state.json").exists() and (folder.with_name(folder.name + ".old") / "state.json").exists():
         folder = folder.with_name(folder.name + ".old")  # interrupted between the two renames
     if not (folder / "state.json").exists():
         raise ConfigError(f"cannot resume: no checkpoint in {folder} (run without --resume to start afresh)")
-    try:
-        state = json.loads((folder / "state.json").read_text())
-        global_state = load_file(folder / "global.safetensors")
-        global_params = global_state["parameters"]
-        strategy_state = load_file(folder / "strategy.safetensors")
-        client_state = load_file(folder / "clients.safetensors")
-    except (OSError, ValueError, KeyError, SafetensorError) as error:
-        raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt ({error})") from None
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ConfigError(
-            f"cannot resume: checkpoint {folder} has format version {state.get('version')}, expected {CHECKPOINT_VERSION}"
-        )
+    state = _read_state(folder)
+    tensors = {}
+    for name in TENSOR_FILES:
+        path = folder / name
+        try:
+            if _sha256(path) != state["files"].get(name):
+                raise ConfigError(
+                    f"cannot resume: checkpoint {folder} is corrupt: {name} does not match its sha256 in state.json "
+                    "(the file was changed or damaged); restore the checkpoint, or start afresh with --overwrite"
+                )
+            tensors[name] = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt ({error})") from None
+    _check_finite(tensors, folder)
+    global_state, strategy_state, client_state = (tensors[name] for name in TENSOR_FILES)
+    if "parameters" not in global_state:
+        raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt (global.safetensors has no 'parameters')")
+    global_params = global_state["parameters"]
     differences = config_differences(state["config"], config)
     if differences:
         raise ConfigError(
@@ -97,6 +212,14 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
         )
     if state["clients"] != [client.name for client in server.clients]:
         raise ConfigError(f"cannot resume: checkpoint {folder} was made for other clients")
+    changed = data_changes(state["data"], data_fingerprints(server) if data is None else data)
+    if changed and not allow_data_change:
+        raise ConfigError(
+            f"cannot resume: the data of {'; '.join(changed)} is not what checkpoint {folder} was trained on; "
+            "restore it, or pass --allow-data-change (with --resume) to continue on the new data"
+        )
+    if changed:
+        logger.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changed))
     server.global_params = global_params
     if server.distillation is not None:
         server.distillation.soft_labels = global_state.get("soft_labels")
@@ -113,6 +236,83 @@ def load_checkpoint(server: FedServer, folder: Path, config: dict[str, Any]) -> 
     server.round = state["round"]
     server.history = state["history"]
     return state["records"]
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    """state.json, checked to hold every field with its JSON type; a ConfigError naming what is
+    wrong otherwise."""
+    path = folder / "state.json"
+    damaged = "the checkpoint is damaged: restore it, or start afresh with --overwrite"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt ({error})") from None
+    except ValueError as error:
+        raise ConfigError(f"cannot resume: {path} is not JSON ({error}); {damaged}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"cannot resume: {path} holds a JSON {type(state).__name__}, not an object; {damaged}")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"cannot resume: checkpoint {folder} has format version {state.get('version')!r}, expected "
+            f"{CHECKPOINT_VERSION} (written by another fedlm version); start afresh with --overwrite"
+        )
+    for key, kind in STATE_FIELDS.items():
+        if key not in state:
+            raise ConfigError(f"cannot resume: {path} has no {key!r}; {damaged}")
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(
+                f"cannot resume: {path}: {key!r} must be {TYPE_NAMES[kind]}, got {type(value).__name__}; {damaged}"
+            )
+    checks = {
+        "round": state["round"] >= 0,
+        "records": all(
+            isinstance(record, dict) and isinstance(record.get("round"), int) for record in state["records"]
+        ),
+        "clients": all(isinstance(name, str) for name in state["clients"]),
+        "data": all(isinstance(value, dict) or value is None for value in state["data"].values()),
+    }
+    hints = {
+        "round": "an integer >= 0",
+        "records": "a list of objects, each with an integer 'round'",
+        "clients": "a list of client names",
+        "data": "an object of client name: fingerprint object or null",
+    }
+    for key, valid in checks.items():
+        if not valid:
+            raise ConfigError(f"cannot resume: {path}: {key!r} must be {hints[key]}; {damaged}")
+    return state
+
+
+def _check_finite(tensors: dict[str, dict[str, torch.Tensor]], folder: Path) -> None:
+    for file_name, contents in tensors.items():
+        for key, tensor in contents.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                count = int((~torch.isfinite(tensor)).sum())
+                raise ConfigError(
+                    f"cannot resume: checkpoint {folder}: {file_name} {key!r} holds {count} NaN or infinite "
+                    "value(s); the run diverged before this checkpoint and cannot continue from it: start afresh "
+                    "with --overwrite (a lower learning rate, or max_grad_norm, may keep it finite)"
+                )
+
+
+def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each client whose data fingerprint differs from the saved one, with how (a client that
+    reported no fingerprint, then or now, cannot be checked and is not listed)."""
+    changes = []
+    for name, now in current.items():
+        then = saved.get(name)
+        if then is None or now is None or then == now:
+            continue
+        counts = [(fingerprint.get("examples"), fingerprint.get("test_examples")) for fingerprint in (then, now)]
+        if counts[0] != counts[1]:
+            changes.append(
+                f"client {name} ({counts[0][0]} training and {counts[0][1]} test examples then, "
+                f"{counts[1][0]} and {counts[1][1]} now)"
+            )
+        else:
+            changes.append(f"client {name} (as many examples, but rows or labels changed or reordered)")
+    return changes
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -134,3 +334,8 @@ def _fsync_folder(folder: Path) -> None:
     for path in folder.iterdir():
         with path.open("rb") as handle:
             os.fsync(handle.fileno())
+
+
+def _sha256(path: Path) -> str:
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from fedlm.config import RunConfig, check_output_dir, load_config, parse_config
 from fedlm.errors import ConfigError, FedlmError
-from fedlm.runtime.rounds import megabytes, privacy_line, round_line
+from fedlm.runtime.rounds import check_run_folder, megabytes, privacy_line, round_line
 
 DEBUG = "fedlm.debug"  # the --debug flag, in the click context's meta
 
@@ -76,8 +76,10 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-def _run(config: RunConfig, resume: bool = False) -> None:
+def _run(config: RunConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False) -> None:
     from fedlm.runtime import build_simulation, run_federation
+
+    check_run_folder(config, resume, overwrite, allow_data_change)  # before loading any model
 
     logging.basicConfig(
         level=logging.WARNING, handlers=[RichHandler(console=error_console, show_path=False)], format="%(message)s"
@@ -114,7 +116,7 @@ def _run(config: RunConfig, resume: bool = False) -> None:
             progress.console.print(round_line(record, rounds))
             progress.update(rounds_bar, completed=record["round"])
 
-        history = run_federation(simulation, on_round_end=on_round_end, resume=resume)
+        history = run_federation(simulation, on_round_end, resume, overwrite, allow_data_change)
     last = history[-1]
     if "val_accuracy" in last:
         console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
@@ -193,6 +195,12 @@ def run(
         None, help="flower backend: the CA certificate that signed the SuperLink's (TLS)"
     ),
     insecure: bool = typer.Option(False, help="flower backend: no TLS, for a SuperLink on this laptop only"),
+    overwrite: bool = typer.Option(
+        False, help="start afresh in an output folder that holds an earlier fedlm run (deletes fedlm's outputs there)"
+    ),
+    allow_data_change: bool = typer.Option(
+        False, help="with --resume: continue even though a client's data changed since the checkpoint"
+    ),
 ) -> None:
     """Run the federated fine-tuning described by CONFIG, simulated here or on a Flower deployment."""
     try:
@@ -200,7 +208,7 @@ def run(
         if output_dir is not None:
             config = config.model_copy(update={"output_dir": output_dir})
         if backend == "local":
-            _run(config, resume)
+            _run(config, resume, overwrite, allow_data_change)
         elif backend == "flower":
             if superlink is None:
                 raise ConfigError("--backend flower needs --superlink HOST:PORT (the SuperLink's address)")
@@ -210,7 +218,9 @@ def run(
                 read_public_context(config.homomorphic.public_context)  # before any node is asked to train
             from fedlm.runtime.flower.launch import launch_flower_run
 
-            status = launch_flower_run(config, superlink, root_certificates, insecure, resume)
+            status = launch_flower_run(
+                config, superlink, root_certificates, insecure, resume, overwrite, allow_data_change
+            )
             if status:
                 raise typer.Exit(code=status)
         else:

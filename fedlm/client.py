@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -144,6 +146,24 @@ class FedClient:
     @property
     def has_test_data(self) -> bool:
         return self.test_data is not None and len(self.test_data) > 0
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What this client trains and tests on, so that a resumed run can check it is the same
+        data (`fedlm.checkpoint`): its example counts and a sha256 of its rows in order."""
+        return FedClient.fingerprint_rows(self.data, self.test_data)
+
+    @staticmethod
+    def fingerprint_rows(train: Any, test: Any = None) -> dict[str, Any]:
+        """Example counts and a sha256 of the texts and label keys, row by row in order, of a train
+        and an optional test `TextDataset`: any added, removed, reordered or edited row (text or
+        label) changes it. Cheap next to a round: one pass over the text."""
+        digest = hashlib.sha256()
+        for split in (train, test):
+            digest.update(b"\x1d")  # splits apart: a row moved from train to test changes the hash
+            if split is not None:
+                for text, label in zip(split.texts, split.labels):
+                    digest.update(json.dumps([text, label_key(label)]).encode())
+        return {"examples": len(train), "test_examples": 0 if test is None else len(test), "sha256": digest.hexdigest()}
 
     # ---- labels ------------------------------------------------------------------------------
 

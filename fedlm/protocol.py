@@ -185,6 +185,7 @@ class ClientInfo(WireMessage):
     num_test_examples: int
     labels: list[str]  # label keys of its training data
     lora_rank: int | None = None  # its LoRA rank, when it may differ from the global one
+    data_fingerprint: dict[str, Any] | None = None  # FedClient.fingerprint_rows of its data, checked on resume
 
     KIND: ClassVar[str] = "client_info"
 
@@ -199,6 +200,7 @@ class ClientInfo(WireMessage):
             "num_test_examples": self.num_test_examples,
             "labels": self.labels,
             "lora_rank": self.lora_rank,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     @classmethod
@@ -209,7 +211,23 @@ class ClientInfo(WireMessage):
             gate.integer(meta.get("num_test_examples"), "num_test_examples"),
             gate.text_list(meta.get("labels"), "labels", MAX_WIRE_LABELS),
             gate.optional_integer(meta.get("lora_rank"), "lora_rank", minimum=1, maximum=1 << 16),
+            _fingerprint(meta.get("data_fingerprint")),
         )
+
+
+def _fingerprint(value: Any) -> dict[str, Any] | None:
+    """A client's data fingerprint (`FedClient.fingerprint_rows`): example counts and a sha256."""
+    if value is None:
+        return None
+    value = gate.mapping(value, "data_fingerprint")
+    digest = gate.text(value.get("sha256"), "data_fingerprint.sha256", max_length=64)
+    if len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
+        raise WireError("data_fingerprint.sha256 must be 64 hexadecimal digits")
+    return {
+        "examples": gate.integer(value.get("examples"), "data_fingerprint.examples"),
+        "test_examples": gate.integer(value.get("test_examples"), "data_fingerprint.test_examples"),
+        "sha256": digest,
+    }
 
 
 @dataclass

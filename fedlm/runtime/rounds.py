@@ -1,18 +1,50 @@
-"""Running a federation's rounds, whatever the transport: the run folder, metrics and checkpoints."""
+"""Running a federation's rounds, whatever the transport: the run folder, metrics and checkpoints.
+
+A run folder is fedlm's own: it carries a marker, fedlm-run.json (fedlm version, creation time,
+config hash), and `check_run_folder` decides, before any model is loaded, whether a run may write
+into a folder: a new or empty one (or one holding only `fedlm partition`'s report) always; a fedlm
+run folder with `resume` (continue its checkpoint) or `overwrite` (delete fedlm's outputs in it and
+start afresh); never a folder fedlm did not make, nor one where the final model would replace the
+run's input model. Every output is written to a temporary file or folder and renamed into place,
+so a crash never leaves a truncated metrics.jsonl or model, and JSON never holds bare NaN.
+
+A run in which no round aggregated (every round skipped, or stopped before the first) still
+writes its metrics and summary.json ("aggregated_rounds": 0 and a "warning"), saves no model, and
+ends with a `ClientError`: `fedlm run` exits 2, as for every fedlm error.
+"""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlm.checkpoint import load_checkpoint, save_checkpoint
+import fedlm
+from fedlm.checkpoint import (
+    data_fingerprints,
+    finite_json,
+    json_text,
+    load_checkpoint,
+    replace_folder,
+    save_checkpoint,
+    write_atomic,
+)
 from fedlm.config import RunConfig
 from fedlm.data.report import write_partition_report
+from fedlm.errors import ClientError, ConfigError
 from fedlm.server import FedServer
 from fedlm.tasks.classification import EncodedDataset
+
+RUN_MARKER = "fedlm-run.json"
+PARTITION_REPORT = ("partition.json", "partition.png")  # also written by `fedlm partition`
+PARTITION_TEMPORARY = "partition.tmp"  # the report is written there, then its files renamed into place
+# what a run writes into its folder: all that --overwrite deletes (with their .tmp and .old copies)
+RUN_OUTPUTS = (RUN_MARKER, "config.yaml", *PARTITION_REPORT, "metrics.jsonl", "checkpoint", "model", "summary.json")
 
 
 @dataclass
@@ -27,66 +59,194 @@ class Federation:
     partition: dict[str, Any] | None = None
 
 
+def check_run_folder(
+    config: RunConfig, resume: bool = False, overwrite: bool = False, allow_data_change: bool = False
+) -> None:
+    """Refuse (ConfigError) a run that would write where it must not; reads the folder, changes nothing.
+
+    The final model (output_dir/model) must not be, or hold, an input model of the run. The output
+    folder must be new, empty, hold only a partition report, or be a fedlm run folder (with its
+    marker); a fedlm run folder that holds a run needs `resume` or `overwrite`. Called by the CLI
+    before the model is loaded, and again by `run_federation` before it writes."""
+    output = Path(config.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the output folder, --overwrite deletes it: give one of them")
+    if allow_data_change and not resume:
+        raise ConfigError("--allow-data-change applies to --resume only (a fresh run has no earlier data to compare)")
+    final = (output / "model").resolve()
+    for field, name in input_models(config):
+        source = Path(name).resolve()
+        if Path(name).exists() and (source == final or final in source.parents or source == output.resolve()):
+            raise ConfigError(
+                f"{field} {name} is where this run would write its outputs (output_dir {output}, final model "
+                f"{output / 'model'}): the run would replace its own input model; choose another output_dir"
+            )
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"output_dir {output} is a file, not a folder; choose a new or empty folder as output_dir")
+    entries = {path.name for path in output.iterdir()}
+    if RUN_MARKER not in entries:
+        if entries <= set(PARTITION_REPORT):  # empty, or what `fedlm partition` wrote there
+            return
+        raise ConfigError(
+            f"output_dir {output} is not empty and is not a fedlm run folder (it has no {RUN_MARKER}); fedlm does not "
+            f"write among files it did not make (it holds {', '.join(sorted(entries)[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}): choose a new or empty folder as output_dir (--output-dir)"
+        )
+    if resume or overwrite:
+        return
+    if any((output / name / "state.json").exists() for name in ("checkpoint", "checkpoint.old")):
+        raise ConfigError(
+            f"output_dir {output} holds a fedlm run with a checkpoint: pass --resume to continue it, --overwrite to "
+            "start afresh (deletes its checkpoint, metrics and model), or choose another output_dir"
+        )
+    raise ConfigError(
+        f"output_dir {output} holds an earlier fedlm run's outputs: pass --overwrite to start afresh (deletes them), "
+        "or choose another output_dir"
+    )
+
+
+def input_models(config: RunConfig) -> list[tuple[str, str]]:
+    """(config field, model name or folder) of every model the run starts from."""
+    models = [("model.name", config.model.name)]
+    algorithm = config.algorithm
+    if getattr(algorithm, "student", None):
+        models.append(("algorithm.student", algorithm.student))
+    models += [("algorithm.client_models", name) for name in getattr(algorithm, "client_models", None) or []]
+    return models
+
+
+def start_run_folder(config: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Make the output folder fedlm's: with `overwrite`, delete fedlm's outputs in it (and nothing
+    else); write the marker (a resumed run keeps its creation time)."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        paths = [output / PARTITION_TEMPORARY]
+        paths += [output / f"{name}{suffix}" for name in RUN_OUTPUTS for suffix in ("", ".tmp", ".old")]
+        for path in paths:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    created = None
+    if resume:
+        try:
+            created = json.loads((output / RUN_MARKER).read_text()).get("created")
+        except (OSError, ValueError, AttributeError):
+            created = None
+    marker = {
+        "fedlm_version": fedlm.__version__,
+        "created": created or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "config_sha256": hashlib.sha256(json_text(config.model_dump(mode="json")).encode()).hexdigest(),
+    }
+    write_atomic(output / RUN_MARKER, json_text(marker, indent=2) + "\n")
+
+
 def run_federation(
-    federation: Federation, on_round_end: Callable[[dict[str, Any]], None] | None = None, resume: bool = False
+    federation: Federation,
+    on_round_end: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_data_change: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the configured rounds, checkpointing after round 0 and every `checkpoint_every` rounds.
 
-    Writes config.yaml, the partition report, metrics.jsonl (round 0 = before training),
-    checkpoint/, model/ and summary.json (`run_summary`) into the output folder. With `resume`, continues from the folder's
-    checkpoint (an error if there is none, it is corrupt, or the config differs). Returns the
-    records of rounds 1 and up.
+    Writes fedlm-run.json, config.yaml, the partition report, metrics.jsonl (round 0 = before
+    training), checkpoint/, model/ and summary.json (`run_summary`) into the output folder, each
+    atomically, once `check_run_folder` allows it. With `resume`, continues from the folder's
+    checkpoint (an error if there is none, it is corrupt, the config differs, or, unless
+    `allow_data_change`, a client's data changed); with `overwrite`, first deletes an earlier run's
+    outputs there. Records hold null (and a "non_finite" list) where a metric was NaN or infinite.
+    Returns the records of rounds 1 and up; raises ClientError, after writing the summary, when no
+    round aggregated.
     """
     config, server = federation.config, federation.server
+    check_run_folder(config, resume, overwrite, allow_data_change)
     output = Path(config.output_dir)
     checkpoint = output / "checkpoint"
     config_data = config.model_dump(mode="json")
-    records = load_checkpoint(server, checkpoint, config_data) if resume else []
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.yaml").write_text(config.to_yaml())
+    fingerprints = data_fingerprints(server)
+    records = load_checkpoint(server, checkpoint, config_data, fingerprints, allow_data_change) if resume else []
+    start_run_folder(config, resume, overwrite)
+    write_atomic(output / "config.yaml", config.to_yaml())
     if federation.partition is not None:
-        write_partition_report(federation.partition, output)
+        write_partition(federation.partition, output)
     settings = config.federation
-    with (output / "metrics.jsonl").open("w") as metrics_file:
-        metrics_file.writelines(json.dumps(record) + "\n" for record in records)
+    write_metrics(output, records)
 
-        def record_round(record: dict[str, Any]) -> None:
-            records.append(record)
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            due = settings.checkpoint_every and record["round"] % settings.checkpoint_every == 0
-            if record["round"] == 0 or due or record["round"] == settings.rounds:
-                save_checkpoint(server, checkpoint, records, config_data)
-            if on_round_end is not None:
-                on_round_end(record)
+    def record_round(record: dict[str, Any]) -> None:
+        record = finite_json(record)  # as written: NaN and infinity as None, listed under "non_finite"
+        records.append(record)
+        write_metrics(output, records)
+        due = settings.checkpoint_every and record["round"] % settings.checkpoint_every == 0
+        if record["round"] == 0 or due or record["round"] == settings.rounds:
+            save_checkpoint(server, checkpoint, records, config_data, fingerprints)
+        if on_round_end is not None:
+            on_round_end(record)
 
-        if not records:
-            before = server.byte_counts()
-            metrics = server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)
-            record_round({"round": 0, **metrics, **server.bytes_since(before)})
-        if settings.rounds > server.round:
-            server.fit(
-                rounds=settings.rounds - server.round,
-                local_epochs=config.training.local_epochs,
-                clients_per_round=federation.clients_per_round,
-                validation=federation.validation,
-                clients_per_evaluation=settings.clients_per_evaluation,
-                on_round_end=record_round,
-            )
-        if server.stop_reason is not None:  # e.g. the privacy budget: keep where it stopped
-            save_checkpoint(server, checkpoint, records, config_data)
-    server.save(output / "model")
+    if not records:
+        before = server.byte_counts()
+        metrics = server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)
+        record_round({"round": 0, **metrics, **server.bytes_since(before)})
+    if settings.rounds > server.round:
+        server.fit(
+            rounds=settings.rounds - server.round,
+            local_epochs=config.training.local_epochs,
+            clients_per_round=federation.clients_per_round,
+            validation=federation.validation,
+            clients_per_evaluation=settings.clients_per_evaluation,
+            on_round_end=record_round,
+        )
+    if server.stop_reason is not None:  # e.g. the privacy budget: keep where it stopped
+        save_checkpoint(server, checkpoint, records, config_data, fingerprints)
     summary = run_summary(records)
     summary["privacy"] = privacy_report(server, config, records)
     if server.stop_reason is not None:
         summary["stopped"] = server.stop_reason
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    if summary["aggregated_rounds"] == 0:
+        why = server.stop_reason or (
+            f"every round was skipped: fewer than federation.min_clients ({settings.min_clients}) clients sent a "
+            "valid update (each round's 'dropped' in metrics.jsonl names the clients and why)"
+        )
+        summary["warning"] = f"no round aggregated, so no model was saved: {why}"
+    else:
+        save_model(server, output / "model")
+    write_atomic(output / "summary.json", json_text(summary, indent=2))
+    if summary["aggregated_rounds"] == 0:
+        raise ClientError(f"{output}: {summary['warning']}")
     return [record for record in records if record["round"] > 0]
 
 
+def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, one record a line, rewritten whole through a temporary file: a crash leaves
+    the previous version (the checkpoint holds the records too, and a resume rewrites it)."""
+    write_atomic(output / "metrics.jsonl", "".join(json_text(record) + "\n" for record in records))
+
+
+def write_partition(summary: dict[str, Any], output: Path) -> None:
+    """The partition report, written into a temporary folder and its files renamed into `output`."""
+    temporary = output / PARTITION_TEMPORARY
+    shutil.rmtree(temporary, ignore_errors=True)
+    write_partition_report(summary, temporary)
+    for name in PARTITION_REPORT:
+        (temporary / name).replace(output / name)
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+def save_model(server: FedServer, folder: Path) -> None:
+    """The final model, saved into a temporary folder renamed over `folder` when complete."""
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    server.save(temporary)
+    replace_folder(temporary, folder)
+
+
 def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run in numbers: rounds, the last round's metrics, and the bytes sent down and up in
-    total and per client, summed over all records (round 0's evaluation included)."""
+    """The run in numbers: rounds, how many aggregated (not skipped), the last round's metrics,
+    and the bytes sent down and up in total and per client, summed over all records (round 0's
+    evaluation included)."""
     clients: dict[str, dict[str, int]] = {}
     for record in records:
         for name, moved in record.get("client_bytes", {}).items():
@@ -95,8 +255,12 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             total["up"] += moved["up"]
     last = records[-1] if records else {}
     final = {key: value for key, value in last.items() if key.startswith(("val_", "client_accuracy", "client_macro"))}
+    non_finite = [key for key in last.get("non_finite", []) if key in final]
+    if non_finite:
+        final["non_finite"] = non_finite
     return {
         "rounds": last.get("round", 0),
+        "aggregated_rounds": sum(1 for record in records if record["round"] > 0 and not record.get("skipped")),
         "final": final,
         "bytes_down": sum(record.get("bytes_down", 0) for record in records),
         "bytes_up": sum(record.get("bytes_up", 0) for record in records),
@@ -186,24 +350,30 @@ def megabytes(count: int) -> str:
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One round's record as a line of the log (a non-finite metric, null in the record, reads "non-finite")."""
+
+    def number(key: str, spec: str) -> str:
+        value = record[key]
+        return "non-finite" if value is None else format(value, spec)
+
     parts = [f"round {record['round']}/{rounds}"]
     if "train_loss" in record:
-        parts.append(f"train loss {record['train_loss']:.4f}")
+        parts.append(f"train loss {number('train_loss', '.4f')}")
     if "val_accuracy" in record:
-        parts.append(f"val acc {record['val_accuracy']:.3f}  val f1 {record['val_macro_f1']:.3f}")
+        parts.append(f"val acc {number('val_accuracy', '.3f')}  val f1 {number('val_macro_f1', '.3f')}")
     if "client_accuracy_mean" in record:
         parts.append(
-            f"client acc mean {record['client_accuracy_mean']:.3f} worst {record['client_accuracy_worst']:.3f} "
-            f"p10 {record['client_accuracy_p10']:.3f}"
+            f"client acc mean {number('client_accuracy_mean', '.3f')} worst {number('client_accuracy_worst', '.3f')} "
+            f"p10 {number('client_accuracy_p10', '.3f')}"
         )
     if "seconds" in record:
-        parts.append(f"{record['seconds']:.1f} s")
+        parts.append(f"{number('seconds', '.1f')} s")
     if "bytes_up" in record:
         parts.append(f"up {megabytes(record['bytes_up'])}  down {megabytes(record['bytes_down'])}")
     if "epsilon" in record:
-        parts.append(f"epsilon {record['epsilon']:.3f} (delta {record['delta']:g})")
+        parts.append(f"epsilon {number('epsilon', '.3f')} (delta {record['delta']:g})")
     if "dp_sgd_epsilon_max" in record:
-        parts.append(f"DP-SGD epsilon max {record['dp_sgd_epsilon_max']:.3f} (delta {record['dp_sgd_delta']:g})")
+        parts.append(f"DP-SGD epsilon max {number('dp_sgd_epsilon_max', '.3f')} (delta {record['dp_sgd_delta']:g})")
     if record.get("dropped"):
         parts.append(f"dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)")
     if record.get("skipped"):

@@ -171,7 +171,10 @@ class Node:
 
     def info(self) -> ClientInfo:
         labels = sorted({label_key(label) for label in self.data.train.labels})
-        return ClientInfo(self.data.name, len(self.data.train), len(self.data.test), labels, self.lora_rank)
+        fingerprint = FedClient.fingerprint_rows(self.data.train, self.data.test)
+        return ClientInfo(
+            self.data.name, len(self.data.train), len(self.data.test), labels, self.lora_rank, fingerprint
+        )
 
     def client(self, label2id: dict[str, int]) -> FedClient:
         """A FedClient over this node's data for the federation's label map."""

@@ -2,7 +2,9 @@
 
 It writes the Flower app for the config (`write_flower_app`) and a private Flower CLI home whose
 `config.toml` names the SuperLink connection, then runs `flwr run APP fedlm --stream`, so the
-ServerApp's log streams to this terminal and the exit status is the run's.
+ServerApp's log streams to this terminal and the exit status is the run's. The run folder rules
+(`check_run_folder`) are checked here first, for a SuperLink on this machine (same files), and
+again by the ServerApp, which is where the folder is written.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from pathlib import Path
 from fedlm.config import RunConfig
 from fedlm.errors import ConfigError
 from fedlm.runtime.flower.flower_app import write_flower_app
+from fedlm.runtime.rounds import check_run_folder
 
 CONNECTION = "fedlm"
+# Flower run config keys of `fedlm run`'s --overwrite and --allow-data-change (read by the ServerApp)
+OVERWRITE_KEY = "overwrite"
+ALLOW_DATA_CHANGE_KEY = "allow-data-change"
+APP_CONFIG_TABLE = "[tool.flwr.app.config]\n"
 
 
 def absolute_paths(config: RunConfig) -> RunConfig:
@@ -52,9 +59,12 @@ def launch_flower_run(
     root_certificates: Path | None,
     insecure: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_data_change: bool = False,
 ) -> int:
     """Submit `config` as a run to the SuperLink's control API at `superlink` (HOST:PORT) and stream
-    its log; returns `flwr run`'s exit status."""
+    its log; returns `flwr run`'s exit status. `resume`, `overwrite` and `allow_data_change` are
+    `fedlm run`'s flags, passed on to the ServerApp."""
     if (root_certificates is None) == (not insecure):
         raise ConfigError(
             "give --root-certificates CA.crt (TLS, the SuperLink's CA) or --insecure (plain text, a laptop only)"
@@ -64,9 +74,11 @@ def launch_flower_run(
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if flwr is None:
         raise ConfigError("the Flower CLI `flwr` is not installed; pip install 'fedlm[flower]'")
+    config = absolute_paths(config)
+    check_run_folder(config, resume, overwrite, allow_data_change)  # before any node is asked to work
     check_superlink(superlink, root_certificates)
     with tempfile.TemporaryDirectory(prefix="fedlm-flower-") as folder:
-        app = write_flower_app(Path(folder) / "app", absolute_paths(config), resume)
+        app = write_app(Path(folder) / "app", config, resume, overwrite, allow_data_change)
         home = Path(folder) / "flwr-home"
         home.mkdir()
         connection = {"address": superlink}
@@ -82,6 +94,19 @@ def launch_flower_run(
         if run_id is None:
             return 1
         return _run_status(flwr, run_id, env)
+
+
+def write_app(folder: Path, config: RunConfig, resume: bool, overwrite: bool, allow_data_change: bool) -> Path:
+    """The Flower app for the run (`write_flower_app`), with --overwrite and --allow-data-change
+    added to its run config (Flower accepts only the keys an app declares)."""
+    app = write_flower_app(folder, config, resume)
+    pyproject = app / "pyproject.toml"
+    text = pyproject.read_text()
+    if APP_CONFIG_TABLE not in text:
+        raise ConfigError(f"{pyproject} has no {APP_CONFIG_TABLE.strip()} table to pass --overwrite in")
+    flags = f"{OVERWRITE_KEY} = {json.dumps(overwrite)}\n{ALLOW_DATA_CHANGE_KEY} = {json.dumps(allow_data_change)}\n"
+    pyproject.write_text(text.replace(APP_CONFIG_TABLE, APP_CONFIG_TABLE + flags, 1))
+    return app
 
 
 def check_superlink(address: str, root_certificates: Path | None, timeout: float = 10.0) -> None:

@@ -32,6 +32,7 @@ from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.protocol import ClientInfo
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
+from fedlm.runtime.flower.launch import ALLOW_DATA_CHANGE_KEY, OVERWRITE_KEY
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
 from fedlm.runtime.local import (
     add_privacy,
@@ -42,7 +43,7 @@ from fedlm.runtime.local import (
     configure_codecs,
     lora_aggregation,
 )
-from fedlm.runtime.rounds import Federation, megabytes, round_line, run_federation
+from fedlm.runtime.rounds import Federation, check_run_folder, megabytes, round_line, run_federation
 from fedlm.server import FedServer
 
 logger = logging.getLogger("fedlm")
@@ -58,12 +59,16 @@ def main(grid: Grid, context: Context) -> None:
     logger.setLevel(logging.INFO)
     try:
         config = config_from_run_config(context.run_config)
+        flags = {
+            "resume": bool(context.run_config.get(RESUME_KEY, False)),
+            "overwrite": bool(context.run_config.get(OVERWRITE_KEY, False)),
+            "allow_data_change": bool(context.run_config.get(ALLOW_DATA_CHANGE_KEY, False)),
+        }
+        check_run_folder(config, **flags)  # before waiting for nodes and loading the model
         federation = build_deployment(grid, config)
         rounds = config.federation.rounds
         history = run_federation(
-            federation,
-            on_round_end=lambda record: logger.info(round_line(record, rounds)),
-            resume=bool(context.run_config.get(RESUME_KEY, False)),
+            federation, on_round_end=lambda record: logger.info(round_line(record, rounds)), **flags
         )
         summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
         per_client = ", ".join(
