@@ -304,6 +304,7 @@ def demo(
     output_dir: Path = typer.Option(Path("runs/demo"), help="where the run folder goes"),
     rounds: int = typer.Option(3, min=1, help="federated rounds"),
     print_config: bool = typer.Option(False, help="print the demo's config and exit"),
+    overwrite: bool = typer.Option(False, help="replace an earlier demo run in the output folder"),
 ) -> None:
     """Federated fine-tuning of all-MiniLM-L6-v2 on BBC News topics with 5 simulated clients."""
     try:
@@ -318,7 +319,7 @@ def demo(
         if print_config:
             console.print(config.to_yaml(), end="", markup=False, highlight=False)
             return
-        _run(config)
+        _run(config, overwrite=overwrite)
     except FedlmError as error:
         _fail(error)
 

@@ -181,3 +181,13 @@ def test_certs_refuse_node_names_that_are_not_plain_names(tmp_path, name):
     result = invoke("certs", folder, "--node", name)
     assert result.exit_code == 2 and "--node" in result.stderr and "letters, digits" in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written, inside the folder or out of it
+
+
+def test_the_demo_replaces_its_own_earlier_run_only_with_overwrite(monkeypatch, tmp_path):
+    import fedlm.cli
+
+    runs = []
+    monkeypatch.setattr(fedlm.cli, "_run", lambda config, overwrite=False: runs.append(overwrite))
+    assert invoke("demo", "--output-dir", tmp_path / "demo").exit_code == 0
+    assert invoke("demo", "--output-dir", tmp_path / "demo", "--overwrite").exit_code == 0
+    assert runs == [False, True]
