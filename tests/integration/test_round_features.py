@@ -9,6 +9,7 @@ import torch
 from conftest import make_records
 from fedlm import FedClient, FedServer
 from fedlm.core.strategies import FedAvg, FedProx, Scaffold
+from fedlm.errors import ClientError
 from fedlm.protocol import FitIns, FitRes
 
 FAST = {"learning_rate": 3e-3, "max_length": 32}
@@ -127,8 +128,10 @@ def test_too_few_survivors_skip_the_round_and_keep_the_model(config_data_factory
     for client in simulation.server.clients[:2]:
         client.fit = lambda ins: (_ for _ in ()).throw(RuntimeError("out of memory"))
     before = simulation.server.global_params.clone()
-    history = run_federation(simulation)
-    assert all(record.get("skipped") for record in history)
+    with pytest.raises(ClientError, match="no round aggregated"):
+        run_federation(simulation)
+    history = simulation.server.history
+    assert len(history) == 2 and all(record.get("skipped") for record in history)
     assert torch.equal(simulation.server.global_params, before)
 
 
