@@ -8,10 +8,6 @@ It is written to a temporary folder that is then renamed over the previous check
 leaves the previous one intact. Loading refuses a checkpoint whose state.json is malformed, whose
 files do not match their checksums, whose tensors hold NaN or infinity, or whose clients' data has
 changed since (unless the caller allows it).
-
-The module also holds the writers every run output goes through: `json_text` (JSON without bare
-NaN or Infinity, which are not JSON) and `write_atomic` / `replace_folder` (temporary file or
-folder, then rename).
 """
 
 from __future__ import annotations
@@ -19,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from fedlm.client import FedClient
 from fedlm.errors import ConfigError
+from fedlm.files import json_text, replace_folder
 from fedlm.server import FedServer
 
 logger = logging.getLogger("fedlm")
@@ -49,64 +45,6 @@ TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an obje
 
 
 # ---- writing run outputs ---------------------------------------------------------------------
-
-
-def finite_json(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (JSON null). Each object that held
-    one, directly or in a list, names those keys under "non_finite", so that a null says why."""
-    clean, _ = _finite(value)
-    return clean
-
-
-def _finite(value: Any) -> tuple[Any, bool]:
-    """(value cleaned, whether a non-finite float was replaced outside a nested object)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None, True
-    if isinstance(value, dict):
-        clean, flagged = {}, []
-        for key, item in value.items():
-            clean[key], replaced = _finite(item)
-            if replaced:
-                flagged.append(str(key))
-        if flagged:
-            clean["non_finite"] = sorted(set(clean.get("non_finite") or []) | set(flagged))
-        return clean, False
-    if isinstance(value, (list, tuple)):
-        items = [_finite(item) for item in value]
-        return [item for item, _ in items], any(replaced for _, replaced in items)
-    return value, False
-
-
-def json_text(value: Any, indent: int | None = None) -> str:
-    """`value` as strict JSON: non-finite floats as null, flagged (`finite_json`)."""
-    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file renamed over it: a crash leaves the previous
-    file or the new one, never a part of either."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with temporary.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def replace_folder(temporary: Path, folder: Path) -> None:
-    """Rename the finished folder `temporary` over `folder`; in between, the previous one is kept
-    as `folder`.old (a crash there leaves it, and `load_checkpoint` looks for it)."""
-    previous = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(folder, previous)
-    os.replace(temporary, folder)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

@@ -11,13 +11,12 @@ serialization (protocol buffers), never as pickles.
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 
 import torch
 
 from fedlm.errors import ConfigError
+from fedlm.files import refuse_existing, write_new
 
 
 def _tenseal():
@@ -64,12 +63,10 @@ class HomomorphicKeys:
         (for the server) in `folder`. Existing files are replaced only with `force`."""
         folder = Path(folder)
         secret, public = folder / "he-secret.ctx", folder / "he-public.ctx"
-        existing = [str(path) for path in (secret, public) if os.path.lexists(path)]
-        if existing and not force:
-            raise ConfigError(f"{', '.join(existing)} already exist(s): pass --force to replace the old keys for good")
+        refuse_existing([secret, public], force)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_new(secret, self.context.serialize(save_secret_key=True), 0o600, force)
-        _write_new(public, self.public_context(), 0o644, force)
+        write_new(secret, self.context.serialize(save_secret_key=True), 0o600, force)
+        write_new(public, self.public_context(), 0o644, force)
         return {"secret": secret, "public": public}
 
     def public_context(self) -> bytes:
@@ -93,25 +90,6 @@ class HomomorphicKeys:
         if len(values) < length:
             raise ValueError(f"{len(chunks)} ciphertexts hold {len(values)} values, expected {length}")
         return torch.tensor(values[:length], dtype=torch.float32)
-
-
-def _write_new(path: Path, data: bytes, mode: int, force: bool) -> None:
-    """`data` in a new file at `path` with `mode`, created with O_EXCL (never through an existing
-    file or link); with `force` the new file is written beside `path` and renamed over it, so that
-    an old file's mode never carries over to a new key."""
-    target = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp") if force else path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists: pass --force to replace it") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        if force:
-            os.replace(target, path)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
 
 
 def read_public_context(path: str | Path | None) -> bytes:

@@ -25,18 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import fedlm
-from fedlm.checkpoint import (
-    data_fingerprints,
-    finite_json,
-    json_text,
-    load_checkpoint,
-    replace_folder,
-    save_checkpoint,
-    write_atomic,
-)
+from fedlm.checkpoint import data_fingerprints, load_checkpoint, save_checkpoint
 from fedlm.config import RunConfig
 from fedlm.data.report import write_partition_report
 from fedlm.errors import ClientError, ConfigError
+from fedlm.files import finite_json, json_text, replace_folder, write_atomic
 from fedlm.server import FedServer
 from fedlm.tasks.classification import EncodedDataset
 

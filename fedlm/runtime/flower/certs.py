@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
-import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fedlm.errors import ConfigError
+from fedlm.files import refuse_existing, write_new
 
 VALID_DAYS = 365
 NODE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -34,7 +33,7 @@ def make_certificates(
     valid for each of `hosts` (DNS names or IP addresses). Returns the paths by file name.
     Existing files are replaced only with `force`."""
     folder = Path(folder)
-    _refuse_existing([folder / name for name in ("ca.crt", "ca.key", "server.pem", "server.key")], force)
+    refuse_existing([folder / name for name in ("ca.crt", "ca.key", "server.pem", "server.key")], force)
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -55,10 +54,12 @@ def make_certificates(
         .sign(ca_key, hashes.SHA384())
     )
     paths = {
-        "ca.crt": _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), force=force),
-        "ca.key": _write(folder / "ca.key", _private_pem(ca_key), private=True, force=force),
-        "server.pem": _write(folder / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM), force=force),
-        "server.key": _write(folder / "server.key", _private_pem(server_key), private=True, force=force),
+        "ca.crt": write_new(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), 0o644, force),
+        "ca.key": write_new(folder / "ca.key", _private_pem(ca_key), 0o600, force),
+        "server.pem": write_new(
+            folder / "server.pem", server_cert.public_bytes(serialization.Encoding.PEM), 0o644, force
+        ),
+        "server.key": write_new(folder / "server.key", _private_pem(server_key), 0o600, force),
     }
     return paths
 
@@ -78,7 +79,7 @@ def make_node_keys(folder: Path, name: str, force: bool = False) -> dict[str, Pa
     with the SuperLink (`flwr supernode register NAME.pub`). Existing files are replaced only with `force`."""
     check_node_name(name)
     folder = Path(folder)
-    _refuse_existing([folder / f"{name}.key", folder / f"{name}.pub"], force)
+    refuse_existing([folder / f"{name}.key", folder / f"{name}.pub"], force)
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(
@@ -86,8 +87,8 @@ def make_node_keys(folder: Path, name: str, force: bool = False) -> dict[str, Pa
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return {
-        f"{name}.key": _write(folder / f"{name}.key", private, private=True, force=force),
-        f"{name}.pub": _write(folder / f"{name}.pub", public + f" {name}\n".encode(), force=force),
+        f"{name}.key": write_new(folder / f"{name}.key", private, 0o600, force),
+        f"{name}.pub": write_new(folder / f"{name}.pub", public + f" {name}\n".encode(), 0o644, force),
     }
 
 
@@ -114,30 +115,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _refuse_existing(paths: list[Path], force: bool) -> None:
-    """Keys are never replaced silently: without `force`, refuse before writing anything."""
-    existing = [str(path) for path in paths if os.path.lexists(path)]
-    if existing and not force:
-        raise ConfigError(f"{', '.join(existing)} already exist(s): pass --force to replace the old keys for good")
-
-
-def _write(path: Path, data: bytes, private: bool = False, force: bool = False) -> Path:
-    """`data` in a new file at `path`, mode 0600 when `private`, created with O_EXCL (never through
-    an existing file or link); with `force` the new file is written beside `path` and renamed over
-    it, so that an old file's mode never carries over to a new key."""
-    target = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp") if force else path
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists: pass --force to replace it") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        if force:
-            os.replace(target, path)
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-    return path
