@@ -146,18 +146,24 @@ def loopback_federation(tiny_model_dir, offenders: dict[str, bytes]) -> FedServe
     return FedServer(clients)
 
 
-@pytest.mark.parametrize("cases", ["crafted", "random"])
-def test_loopback_round_drops_every_malformed_reply_and_aggregates_the_honest_ones(tiny_model_dir, cases, caplog):
-    probe = loopback_federation(tiny_model_dir, {})
-    numel = probe.spec.numel
-    offenders = crafted_replies(numel) if cases == "crafted" else random_replies(numel, 60, seed=7)
-    server = loopback_federation(tiny_model_dir, offenders)
+def round_reasons(server: FedServer, offenders: dict) -> dict[str, str]:
+    """One round: the honest updates aggregated into a finite model that moved, every offender
+    dropped with a reason; the reasons by client."""
     before = server.global_params.clone()
     record = server.fit(rounds=1, clients_per_evaluation=0)[0]
     reasons = {item["client"]: item["reason"] for item in record["dropped"]}
     assert set(reasons) == set(offenders) and all(reasons.values())
     assert record["clients"] == len(HONEST) and not record.get("skipped")
     assert torch.isfinite(server.global_params).all() and not torch.equal(server.global_params, before)
+    return reasons
+
+
+@pytest.mark.parametrize("cases", ["crafted", "random"])
+def test_loopback_round_drops_every_malformed_reply_and_aggregates_the_honest_ones(tiny_model_dir, cases, caplog):
+    probe = loopback_federation(tiny_model_dir, {})
+    numel = probe.spec.numel
+    offenders = crafted_replies(numel) if cases == "crafted" else random_replies(numel, 60, seed=7)
+    reasons = round_reasons(loopback_federation(tiny_model_dir, offenders), offenders)
     assert all("Traceback" not in message for message in caplog.messages)
     if cases == "crafted":
         assert "declares 100,000,000,000 values" in reasons["topk-numel-1e11"]
@@ -330,13 +336,7 @@ def test_flower_round_drops_every_malformed_record_and_aggregates_the_honest_one
 ):
     numel = flower_federation(tiny_model_dir, {}).spec.numel
     offenders = crafted_records(numel) if cases == "crafted" else random_records(numel, 40, seed=11)
-    server = flower_federation(tiny_model_dir, offenders)
-    before = server.global_params.clone()
-    record_ = server.fit(rounds=1, clients_per_evaluation=0)[0]
-    reasons = {item["client"]: item["reason"] for item in record_["dropped"]}
-    assert set(reasons) == set(offenders) and all(reasons.values())
-    assert record_["clients"] == len(HONEST) and not record_.get("skipped")
-    assert torch.isfinite(server.global_params).all() and not torch.equal(server.global_params, before)
+    reasons = round_reasons(flower_federation(tiny_model_dir, offenders), offenders)
     if cases == "crafted":
         assert "declares shape [1000000000000]" in reasons["npy-shape-1e12"]
         assert "little-endian" in reasons["npy-big-endian"] and "complex64" in reasons["npy-complex"]
