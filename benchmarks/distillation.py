@@ -23,6 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fedlm.algorithms import WeightAveraging
 from fedlm.config import parse_config
 from fedlm.models.federated import set_federated_vector
 from fedlm.models.registry import resolve_model_path
@@ -92,7 +93,7 @@ def main() -> None:
         simulation = build_simulation(parse_config(data))
         server = simulation.server
         if name.startswith("FedAvg"):  # FedDF's split without its refinement step: plain FedAvg
-            server.algorithm = None
+            server.algorithm = WeightAveraging()
         history = server.fit(args.rounds, args.local_epochs, None, simulation.validation, 0)
         rows.append(
             {
@@ -104,7 +105,7 @@ def main() -> None:
                 "accuracy_by_round": [r["val_accuracy"] for r in history],
             }
         )
-        if server.distillation is not None:
+        if server.algorithm.replaces_weights:
             for client in server.clients:
                 set_federated_vector(client.model, client.local_parameters)
                 accuracy = evaluate_model(client.model, simulation.validation, 16, 0)["accuracy"]

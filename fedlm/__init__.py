@@ -19,8 +19,8 @@ _EXPORTS = {
         for name in ("FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "Scaffold", "Strategy")
     },
     **{name: "fedlm.core.robust" for name in ("CoordinateMedian", "TrimmedMean", "Krum")},
-    "FederatedDistillation": "fedlm.distillation",
-    "EnsembleDistillation": "fedlm.distillation",
+    "FederatedDistillation": "fedlm.algorithms",
+    "EnsembleDistillation": "fedlm.algorithms",
     "SampleLevelDP": "fedlm.privacy.dp_sgd",
     "ClientError": "fedlm.errors",
     "ConfigError": "fedlm.errors",

@@ -72,9 +72,8 @@ def save_checkpoint(
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    global_state = {"parameters": server.global_params.contiguous()}
-    if server.distillation is not None and server.distillation.soft_labels is not None:
-        global_state["soft_labels"] = server.distillation.soft_labels.contiguous()  # for the clients' digest step
+    # the global parameters and the algorithm's own state (distillation's last soft labels)
+    global_state = {"parameters": server.global_model.params.contiguous(), **server.algorithm.state_dict()}
     save_file(global_state, temporary / "global.safetensors")
     save_file({k: v.contiguous() for k, v in server.strategy.state_dict().items()}, temporary / "strategy.safetensors")
     client_state = {
@@ -88,7 +87,7 @@ def save_checkpoint(
         "version": CHECKPOINT_VERSION,
         "round": server.round,
         "strategy": type(server.strategy).__name__,
-        "num_parameters": server.spec.numel,
+        "num_parameters": server.global_model.spec.numel,
         "clients": [client.name for client in server.clients],
         "config": config,
         "records": records,
@@ -144,9 +143,12 @@ def load_checkpoint(
             f"cannot resume: {folder} was written by a different config ({'; '.join(differences)}); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change"
         )
-    if state["num_parameters"] != server.spec.numel or global_params.numel() != server.spec.numel:
+    if (
+        state["num_parameters"] != server.global_model.spec.numel
+        or global_params.numel() != server.global_model.spec.numel
+    ):
         raise ConfigError(
-            f"cannot resume: checkpoint {folder} holds {global_params.numel()} parameters, the model has {server.spec.numel}"
+            f"cannot resume: checkpoint {folder} holds {global_params.numel()} parameters, the model has {server.global_model.spec.numel}"
         )
     if state["clients"] != [client.name for client in server.clients]:
         raise ConfigError(f"cannot resume: checkpoint {folder} was made for other clients")
@@ -158,9 +160,8 @@ def load_checkpoint(
         )
     if changed:
         logger.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changed))
-    server.global_params = global_params
-    if server.distillation is not None:
-        server.distillation.soft_labels = global_state.get("soft_labels")
+    server.global_model.params = global_params
+    server.algorithm.load_state_dict({key: value for key, value in global_state.items() if key != "parameters"})
     try:
         server.strategy.load_state_dict(strategy_state)
     except ValueError as error:

@@ -91,7 +91,9 @@ def _run(config: RunConfig, resume: bool = False, overwrite: bool = False, allow
     )
     with console.status("loading data and model"):
         simulation = build_simulation(config)
-    console.print(partition_line(simulation.partition) + f"; {simulation.server.spec.numel:,} federated parameters")
+    console.print(
+        partition_line(simulation.partition) + f"; {simulation.server.global_model.spec.numel:,} federated parameters"
+    )
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

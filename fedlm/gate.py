@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlm.core.compression import Compressed
 from fedlm.errors import WireError
 
 if TYPE_CHECKING:
@@ -143,7 +144,6 @@ def checked_update(
     """A training reply's (delta, num_examples, metrics, extras), once the delta and every extra
     vector is a finite float32 vector of `numel` values (a compressed delta is decoded only after
     its declared size matched) and `num_examples` is in [1, max_examples]."""
-    from fedlm.protocol import Compressed
 
     if not 1 <= reply.num_examples <= max_examples:
         raise WireError(

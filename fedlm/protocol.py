@@ -18,25 +18,9 @@ from typing import Any, ClassVar, Protocol, Self
 import torch
 
 from fedlm import gate, wire
-from fedlm.core.compression import Codec, codec_from_spec, codec_spec
+from fedlm.core.compression import Compressed, codec_from_spec
 from fedlm.data.labels import MAX_WIRE_LABELS
 from fedlm.errors import WireError
-
-
-@dataclass
-class Compressed:
-    """A flat float32 vector as a codec's parts (what travels) plus the codec's spec."""
-
-    spec: dict[str, Any]
-    parts: dict[str, torch.Tensor]
-    numel: int
-
-    @classmethod
-    def encode(cls, codec: Codec, vector: torch.Tensor) -> Compressed:
-        return cls(codec_spec(codec), codec.encode(vector), vector.numel())
-
-    def decode(self) -> torch.Tensor:
-        return codec_from_spec(self.spec).decode(self.parts, self.numel)
 
 
 def _pack(name: str, value: torch.Tensor | Compressed, tensors: dict, meta: dict) -> None:
@@ -303,6 +287,23 @@ class ByteCounter:
         counts = self.by_client.setdefault(name, [0, 0])
         counts[0] += down
         counts[1] += up
+
+    def snapshot(self) -> dict[str | None, tuple[int, int]]:
+        """Bytes sent so far, (down, up), per client name and in total (key None)."""
+        counts: dict[str | None, tuple[int, int]] = {name: (down, up) for name, (down, up) in self.by_client.items()}
+        counts[None] = (self.down, self.up)
+        return counts
+
+    def since(self, before: dict[str | None, tuple[int, int]]) -> dict[str, Any]:
+        """`bytes_down`, `bytes_up` and `client_bytes` ({name: {down, up}}) sent since `before`
+        (a `snapshot()`), as measured on the serialized messages."""
+        moved = {
+            name: {"down": down - before.get(name, (0, 0))[0], "up": up - before.get(name, (0, 0))[1]}
+            for name, (down, up) in self.snapshot().items()
+            if (down, up) != before.get(name, (0, 0))
+        }
+        total = moved.pop(None, {"down": 0, "up": 0})
+        return {"bytes_down": total["down"], "bytes_up": total["up"], "client_bytes": moved}
 
 
 class ClientTransport(Protocol):

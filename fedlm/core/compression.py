@@ -16,6 +16,7 @@ Each codec turns a vector into named tensors to send (`encode`) and back (`decod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -161,3 +162,19 @@ def codec_spec(codec: Codec) -> dict:
     if isinstance(codec, TopKCodec):
         return {"kind": "topk", "fraction": codec.fraction}
     raise ValueError(f"no spec for codec {codec!r}")
+
+
+@dataclass
+class Compressed:
+    """A flat float32 vector as a codec's parts (what travels) plus the codec's spec."""
+
+    spec: dict[str, Any]
+    parts: dict[str, torch.Tensor]
+    numel: int
+
+    @classmethod
+    def encode(cls, codec: Codec, vector: torch.Tensor) -> Compressed:
+        return cls(codec_spec(codec), codec.encode(vector), vector.numel())
+
+    def decode(self) -> torch.Tensor:
+        return codec_from_spec(self.spec).decode(self.parts, self.numel)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -81,6 +81,8 @@ class DifferentialPrivacy(Strategy):
     shares on the clients with `noise="clients"`), divide by `expected_clients`, and hand that
     average to the inner strategy. Clients are weighted equally, as the sensitivity analysis needs.
     Noise is drawn from `seed` and the round, so a resumed run continues the same sequence."""
+
+    weights_clients_equally: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -157,6 +159,9 @@ class DifferentialPrivacy(Strategy):
             self.clip_norm = self.adaptive.next_clip_norm(self.clip_norm, unclipped, self.expected_clients, generator)
         return total.div_(self.expected_clients)
 
+    def round_metrics(self) -> dict[str, float]:
+        return {f"dp_{key}": value for key, value in self.last_round.items()}
+
     def round_noise_multiplier(self, finished: int) -> float:
         """The noise multiplier a round actually had: with noise on the clients, each of the
         expected m clients adds a share of variance 1/m, so when only `finished` < m updates
@@ -165,9 +170,12 @@ class DifferentialPrivacy(Strategy):
             return self.noise_multiplier * math.sqrt(finished / self.expected_clients)
         return self.noise_multiplier
 
-    def aggregate_sum(self, global_params: torch.Tensor, total: torch.Tensor, num_examples: int) -> torch.Tensor:
+    def aggregate_sum(
+        self, global_params: torch.Tensor, total: torch.Tensor, total_weight: float, num_examples: int
+    ) -> torch.Tensor:
         """The step when secure aggregation hands over only the sum of the clients' updates,
-        which the clients clipped and noised themselves (`noise="clients"`)."""
+        which the clients clipped and noised themselves (`noise="clients"`): divided by the
+        expected clients, not by `total_weight` (every client counts once)."""
         if self.noise != "clients":
             raise ValueError("with secure aggregation the server never sees an update: noise must be 'clients'")
         self.rounds += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,3 +21,16 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
+    """The round's training: example-weighted loss, examples, and the clients' training time
+    (summed, and the longest: clients train side by side in a deployment)."""
+    total = sum(update.num_examples for update in updates)
+    losses = [(update.metrics.get("loss", math.nan), update.num_examples) for update in updates]
+    return {
+        "train_loss": sum(loss * n for loss, n in losses) / total,
+        "train_examples": total,
+        "train_seconds": sum(update.metrics.get("seconds", 0.0) for update in updates),
+        "train_seconds_max": max(update.metrics.get("seconds", 0.0) for update in updates),  # clients in parallel
+    }

@@ -157,3 +157,13 @@ class RoundAccounting:
         projected.step(self.noise_multiplier, self.sampling_rate)
         epsilon = projected.epsilon(self.delta)
         return epsilon if epsilon > self.max_epsilon else None
+
+    def stop_reason(self, next_round: int) -> str | None:
+        """Why the run must stop before `next_round` (it would exceed `max_epsilon`), or None."""
+        projected = self.next_round_exceeds_budget()
+        if projected is None:
+            return None
+        return (
+            f"stopped before round {next_round}: it would bring epsilon to {projected:.3f}, over "
+            f"max_epsilon {self.max_epsilon} (delta {self.delta})"
+        )

@@ -8,222 +8,27 @@ with the number of clients; `fedlm.runtime.rounds.run_federation` drives the rou
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
 from fedlm.client import FedClient, TrainingOptions
-from fedlm.config import (
-    AdapterConfig,
-    DistillationConfig,
-    EnsembleDistillationConfig,
-    Ia3Config,
-    LoraConfig,
-    PromptTuningConfig,
-    RunConfig,
-    StrategyConfig,
-    check_output_dir,
-    cohort_problem,
-)
-from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
-from fedlm.core.robust import ROBUST_AGGREGATES
-from fedlm.core.seeding import derive_seed
-from fedlm.core.strategies import STRATEGIES, Strategy
+from fedlm.config import DistillationConfig, LoraConfig, RunConfig, check_output_dir, cohort_problem
 from fedlm.data import LabelMap
-from fedlm.data.dataset import TextDataset
 from fedlm.data.report import partition_summary
-from fedlm.distillation import DistillationSettings, EnsembleDistillation, FederatedDistillation
 from fedlm.errors import ConfigError
-from fedlm.models import load_classifier, load_tokenizer
-from fedlm.models.adapters import add_adapter, freeze_lora_a
-from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
+from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import HomomorphicKeys
-from fedlm.privacy.secure_round import SecureAggregation
-from fedlm.runtime.federated_data import load_public_data, prepare_federated_data, resolve_clients_per_round
+from fedlm.runtime.assemble import build_algorithm, build_federation, build_model, check_device
+from fedlm.runtime.federated_data import prepare_federated_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
-from fedlm.server import FedServer
 
 logger = logging.getLogger("fedlm")
-
-
-def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
-    options = config.model_dump(exclude={"kind", "robust"})
-    if config.robust is not None:
-        robust_options = config.robust.model_dump(exclude={"kind"})
-        options["robust"] = ROBUST_AGGREGATES[config.robust.kind](**robust_options)
-    if config.kind == "scaffold":
-        options["num_clients"] = num_clients
-    return STRATEGIES[config.kind](**options)
-
-
-def add_privacy(
-    config: RunConfig, strategy: Strategy, num_clients: int, clients_per_round: int | None
-) -> tuple[Strategy, RoundAccounting | None]:
-    """The strategy wrapped in DP-FedAvg and the run's privacy accounting, when the config has
-    `dp`; the noise multiplier comes from `target_epsilon` for the configured rounds if asked."""
-    settings = config.dp
-    if settings is None:
-        return strategy, None
-    expected = clients_per_round or num_clients
-    sampling_rate = expected / num_clients
-    rounds = config.federation.rounds
-    noise_multiplier = settings.noise_multiplier or noise_for_epsilon(
-        settings.target_epsilon, sampling_rate, rounds, settings.delta, settings.accountant
-    )
-    adaptive = None
-    if settings.adaptive is not None:
-        options = settings.adaptive.model_dump()
-        options["count_noise"] = options["count_noise"] or expected / 20  # Andrew et al.'s suggestion
-        adaptive = AdaptiveClipping(**options)
-    try:
-        private = DifferentialPrivacy(
-            strategy, noise_multiplier=noise_multiplier, clip_norm=settings.clip_norm, expected_clients=expected,
-            noise=settings.noise, adaptive=adaptive, seed=derive_seed(config.seed, "dp"),
-        )  # fmt: skip
-    except ValueError as error:
-        raise ConfigError(f"dp: {error}") from None
-    accounting = RoundAccounting(
-        noise_multiplier, sampling_rate, settings.delta, settings.accountant, settings.max_epsilon
-    )
-    projected = compute_epsilon(noise_multiplier, sampling_rate, rounds, settings.delta, settings.accountant)
-    if (
-        settings.max_epsilon is not None
-        and compute_epsilon(noise_multiplier, sampling_rate, 1, settings.delta, settings.accountant)
-        > settings.max_epsilon
-    ):
-        raise ConfigError(
-            f"dp: a single round at noise multiplier {noise_multiplier:.3g} already exceeds max_epsilon "
-            f"{settings.max_epsilon}; use at least noise multiplier "
-            f"{noise_for_epsilon(settings.max_epsilon, sampling_rate, 1, settings.delta, settings.accountant):.3g}"
-        )
-    if settings.max_epsilon is not None and projected > settings.max_epsilon:
-        needed = noise_for_epsilon(settings.max_epsilon, sampling_rate, rounds, settings.delta, settings.accountant)
-        logger.warning(
-            "dp: %d rounds at noise multiplier %.4g reach epsilon %.3f > max_epsilon %g: the run will stop early; "
-            "noise multiplier %.4g would last all rounds",
-            rounds, noise_multiplier, projected, settings.max_epsilon, needed,
-        )  # fmt: skip
-    logger.info(
-        "dp: noise multiplier %.4g, clip norm %g, q %.3g: epsilon %.3f after %d rounds at delta %g",
-        noise_multiplier, settings.clip_norm, sampling_rate, projected, rounds, settings.delta,
-    )  # fmt: skip
-    return private, accounting
-
-
-def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: int | None = None) -> torch.nn.Module:
-    """The run's classifier: pretrained `model_name` with a head seeded from the run seed, and the
-    config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
-    when given). Every participant builds the same one."""
-    model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
-    check_max_length(config, model, model_name)
-    if config.peft is None:
-        return model
-    settings = config.peft
-    if lora_rank is not None:
-        settings = settings.model_copy(update={"r": lora_rank})
-    model = add_adapter(model, peft_config(settings), seed=derive_seed(config.seed, "adapter"))
-    if isinstance(config.peft, LoraConfig) and config.peft.aggregation == "ffa":
-        freeze_lora_a(model)
-    return model
-
-
-def check_max_length(config: RunConfig, model: torch.nn.Module, model_name: str) -> None:
-    """Refuse a `training.max_length` longer than the sequences `model` has position embeddings
-    for (`max_position_embeddings`, GPT-2's `n_positions`); prompt tuning's virtual tokens count too."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    if limit is None:  # no learned positions: no limit to check
-        return
-    embeddings = getattr(model.base_model, "embeddings", None)
-    padding = getattr(embeddings, "padding_idx", None)
-    if padding is not None:  # RoBERTa-style positions start after the padding index
-        limit -= padding + 1
-    tokens, virtual = config.training.max_length, 0
-    if isinstance(config.peft, PromptTuningConfig):
-        virtual = config.peft.num_virtual_tokens
-    if tokens + virtual > limit:
-        prompt = f" plus peft.num_virtual_tokens {virtual}" if virtual else ""
-        raise ConfigError(
-            f"training.max_length {tokens}{prompt} exceeds the {limit} positions model {model_name} has embeddings "
-            f"for; set training.max_length to at most {limit - virtual}"
-        )
-
-
-def check_device(device: str) -> None:
-    """Refuse a `training.device` (checked for form by the config) that this machine does not have."""
-    kind, _, index = device.partition(":")
-    if kind == "cpu":
-        return
-    if kind == "mps":
-        count = 1 if torch.backends.mps.is_available() else 0
-    else:  # cuda, xpu
-        backend = getattr(torch, kind)
-        count = backend.device_count() if backend.is_available() else 0
-    if count == 0:
-        raise ConfigError(
-            f"training.device {device}: this machine has no {kind} device (torch {torch.__version__}); use cpu"
-        )
-    if index and int(index) >= count:
-        raise ConfigError(
-            f"training.device {device}: this machine has {count} {kind} device(s), {kind}:0 to {kind}:{count - 1}"
-        )
-
-
-def peft_config(settings: AdapterConfig) -> Any:
-    """The PEFT library's config for fedlm's adapter settings."""
-    import peft
-
-    auto = None
-    if isinstance(settings, LoraConfig):
-        targets = auto if settings.target_modules == "auto" else settings.target_modules
-        return peft.LoraConfig(
-            r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets
-        )
-    if isinstance(settings, Ia3Config):
-        return peft.IA3Config(
-            target_modules=auto if settings.target_modules == "auto" else settings.target_modules,
-            feedforward_modules=auto if settings.feedforward_modules == "auto" else settings.feedforward_modules,
-        )
-    return peft.PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens)
-
-
-def configure_codecs(server: FedServer, config: RunConfig) -> None:
-    """The config's upload and download codecs, as the specs the server sends to clients."""
-    upload, download = config.communication.upload, config.communication.download
-    server.upload_codec = None if upload is None else upload.model_dump()
-    server.download_codec = None if download is None else download.model_dump(exclude={"error_feedback"})
-
-
-def lora_aggregation(config: RunConfig) -> str:
-    return config.peft.aggregation if isinstance(config.peft, LoraConfig) else "fedit"
 
 
 def client_model_names(config: RunConfig, num_clients: int) -> list[str]:
     """Each client's model: distillation's `client_models` in turn, else `model.name`."""
     names = config.algorithm.client_models if isinstance(config.algorithm, DistillationConfig) else None
     return [config.model.name] * num_clients if not names else [names[i % len(names)] for i in range(num_clients)]
-
-
-def build_algorithm(
-    config: RunConfig, num_labels: int, held_out_public: TextDataset | None = None
-) -> FederatedDistillation | EnsembleDistillation | None:
-    """The config's distillation algorithm (None: weight averaging), with its public set (the
-    slice held out of a simulation's dataset, or its own) and, for federated distillation, the
-    student (seeded head)."""
-    settings = config.algorithm
-    if settings is None:
-        return None
-    public = load_public_data(config, held_out_public)
-    training = settings.model_dump(include=set(DistillationSettings.__dataclass_fields__))
-    columns = {"text_column": settings.public_data.text_column, "label_column": settings.public_data.label_column}
-    if isinstance(settings, EnsembleDistillationConfig):
-        return EnsembleDistillation(public, **columns, **training)
-    student_name = settings.student or config.model.name
-    student = load_classifier(student_name, num_labels=num_labels, seed=derive_seed(config.seed, "student"))
-    check_max_length(config, student, student_name)
-    return FederatedDistillation(
-        public, student, load_tokenizer(student_name), client_output=settings.client_output,
-        digest_epochs=settings.digest_epochs, **columns, **training,
-    )  # fmt: skip
 
 
 def client_lora_ranks(config: RunConfig, num_clients: int) -> list[int | None]:
@@ -263,9 +68,7 @@ def build_simulation(config: RunConfig) -> Federation:
         raise ConfigError(problem)
     label_map = LabelMap.from_values(federated.label_values(), config.data.max_labels)
     # clients with the same model (and LoRA rank) share one replica
-    kinds = list(
-        zip(client_model_names(config, len(federated.clients)), client_lora_ranks(config, len(federated.clients)))
-    )
+    kinds = list(zip(client_model_names(config, num_clients), client_lora_ranks(config, num_clients)))
     models = {kind: build_model(config, kind[0], label_map.num_labels, kind[1]) for kind in dict.fromkeys(kinds)}
     tokenizers = {name: load_tokenizer(name) for name, _ in models}
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
@@ -274,23 +77,7 @@ def build_simulation(config: RunConfig) -> Federation:
                   seed=config.seed, **options)
         for client, kind in zip(federated.clients, kinds)
     ]  # fmt: skip
-    strategy, accounting = add_privacy(
-        config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
-    )
-    server = FedServer(
-        clients,
-        strategy,
-        seed=config.seed,
-        min_clients=config.federation.min_clients,
-        max_client_examples=config.federation.max_client_examples,
-        round_timeout=config.federation.round_timeout,
-        lora_aggregation=lora_aggregation(config),
-        algorithm=build_algorithm(config, label_map.num_labels, federated.public),
-    )
-    configure_codecs(server, config)
-    server.privacy = accounting
-    if config.secure_aggregation is not None:
-        server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
+    public_context = None
     if config.homomorphic is not None:  # the run plays the clients' key service: the server gets the public part
         if config.homomorphic.public_context is not None:
             raise ConfigError(
@@ -299,6 +86,9 @@ def build_simulation(config: RunConfig) -> Federation:
         keys = HomomorphicKeys(config.homomorphic.poly_modulus_degree)
         for client in clients:
             client.homomorphic_keys = keys
-        server.aggregate_encrypted(keys.public_context())
-    validation = None if federated.validation is None else server.encode_dataset(federated.validation)
-    return Federation(config, server, validation, clients_per_round, partition_summary(federated))
+        public_context = keys.public_context()
+    algorithm = build_algorithm(config, label_map.num_labels, federated.public)
+    return build_federation(
+        config, clients, algorithm, public_context=public_context, validation=federated.validation,
+        partition=partition_summary(federated),
+    )  # fmt: skip

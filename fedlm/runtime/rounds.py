@@ -180,9 +180,9 @@ def run_federation(
             on_round_end(record)
 
     if not records:
-        before = server.byte_counts()
+        before = server.transport.bytes.snapshot()
         metrics = server.evaluate_global_model(federation.validation, settings.clients_per_evaluation)
-        record_round({"round": 0, **metrics, **server.bytes_since(before)})
+        record_round({"round": 0, **metrics, **server.transport.bytes.since(before)})
     if settings.rounds > server.round:
         server.fit(
             rounds=settings.rounds - server.round,
@@ -287,7 +287,7 @@ def privacy_report(server: FedServer, config: RunConfig, records: list[dict[str,
         {
             "level": (
                 "client: each client's probabilities on the public set in a round are clipped and noised"
-                if server.distillation is not None
+                if server.algorithm.replaces_weights
                 else "client: each client's whole update in a round is clipped and noised (DP-FedAvg)"
             ),
             "epsilon": accounting.accountant.epsilon(accounting.delta),

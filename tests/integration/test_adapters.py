@@ -28,13 +28,15 @@ def test_lora_federates_only_the_adapter_and_the_head_and_the_base_never_changes
     ]  # fmt: skip
     assert clients[0].model is clients[1].model  # one shared base, wrapped once
     server = FedServer(clients)
-    assert all(".lora_" in name or ".classifier." in name for name in server.spec.names)
-    assert server.spec.numel < full / 10
+    assert all(".lora_" in name or ".classifier." in name for name in server.global_model.spec.names)
+    assert server.global_model.spec.numel < full / 10
     frozen = {name: p.clone() for name, p in clients[0].model.named_parameters() if not p.requires_grad}
     before = server.global_params.clone()
     history = server.fit(rounds=2)
     assert not torch.equal(server.global_params, before)
-    assert history[-1]["bytes_up"] < 2 * 4 * server.spec.numel + 10_000  # two clients' adapters, not the model
+    assert (
+        history[-1]["bytes_up"] < 2 * 4 * server.global_model.spec.numel + 10_000
+    )  # two clients' adapters, not the model
     errors = history[-1]["lora_aggregation_error"]  # FedIT: averaging A and B separately is inexact
     assert set(errors) == {
         f"base_model.model.bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
@@ -56,7 +58,7 @@ def test_lora_target_modules_that_do_not_exist_name_the_ones_that_do(load_tiny):
 def test_ia3_and_prompt_tuning_run_from_config(config_data_factory, adapter, trainable_marker):
     config = parse_config(config_data_factory(num_clients=2, rounds=1, peft=adapter))
     simulation = build_simulation(config)
-    names = simulation.server.spec.names
+    names = simulation.server.global_model.spec.names
     assert any(trainable_marker in name for name in names) and all(
         trainable_marker in name or "classifier" in name for name in names
     )
@@ -69,7 +71,7 @@ def test_ffa_keeps_every_lora_a_at_its_shared_initialisation(config_data_factory
     simulation = build_simulation(config)
     model = simulation.server.clients[0].model
     a_before = {name: p.clone() for name, p in model.named_parameters() if ".lora_A." in name}
-    assert a_before and not any(".lora_A." in name for name in simulation.server.spec.names)
+    assert a_before and not any(".lora_A." in name for name in simulation.server.global_model.spec.names)
     simulation.server.fit(rounds=1)
     assert all(torch.equal(dict(model.named_parameters())[name], value) for name, value in a_before.items())
 
@@ -84,9 +86,13 @@ def test_merged_and_adapter_exports_reload_and_predict_the_same(config_data_fact
     global_model = server.get_model().eval()
     merged = AutoModelForSequenceClassification.from_pretrained(server.save(tmp_path / "merged")).eval()
     adapter_folder = server.save(tmp_path / "adapter", merge_lora=False)
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=server.label_map.num_labels)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=server.global_model.label_map.num_labels
+    )
     unmerged = peft.PeftModel.from_pretrained(base, adapter_folder).eval()
-    batch = server._tokenizer(["market shares company", "game match team"], return_tensors="pt", padding=True)
+    batch = server.global_model.tokenizer(
+        ["market shares company", "game match team"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         expected = global_model(**batch).logits
         assert torch.allclose(merged(**batch).logits, expected, atol=1e-5)
@@ -229,7 +235,7 @@ def test_client_ranks_from_config_run_and_are_checked(config_data_factory):
     lora = {"method": "lora", "r": 8, "client_ranks": [4, 8], "aggregation": "svd"}
     simulation = build_simulation(parse_config(config_data_factory(num_clients=3, rounds=1, peft=lora)))
     server = simulation.server
-    assert sorted(server.layouts) == ["client-0", "client-2"]  # ranks 4, 8, 4; the global rank is 8
+    assert sorted(server.global_model.layouts) == ["client-0", "client-2"]  # ranks 4, 8, 4; the global rank is 8
     record = server.fit(rounds=1)[0]
     assert record["clients"] == 3 and 0 < record["lora_aggregation_error"]["overall"] < 1
     with pytest.raises(ConfigError, match="client_ranks needs aggregation stack or svd"):

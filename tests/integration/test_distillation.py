@@ -7,10 +7,10 @@ import torch
 
 from conftest import build_tiny_model_folder, make_records, read_metrics
 from fedlm import FedClient, FedServer
+from fedlm.algorithms import EnsembleDistillation, FederatedDistillation
 from fedlm.config import parse_config
 from fedlm.core.distillation import soften
 from fedlm.data.partition import DirichletPartitioner
-from fedlm.distillation import EnsembleDistillation, FederatedDistillation
 from fedlm.errors import ConfigError, DatasetError, FedlmError
 from fedlm.models import load_classifier
 from fedlm.models.federated import set_federated_vector
@@ -74,7 +74,7 @@ def test_clients_digest_the_consensus_and_can_send_probabilities(folders):
     assert history[1]["bytes_down"] > history[0]["bytes_down"] + len(PUBLIC) * 3 * 4  # the soft labels went down
     for with_digest, without in zip(digesting, plain):  # round 1 is the same, round 2 digested first
         assert not torch.equal(with_digest.get_parameters(), without.get_parameters())
-    assert server.distillation.soft_labels.sum(dim=-1).allclose(torch.ones(len(PUBLIC), dtype=torch.float64))
+    assert server.algorithm.soft_labels.sum(dim=-1).allclose(torch.ones(len(PUBLIC), dtype=torch.float64))
 
 
 def test_a_client_with_bad_outputs_is_dropped_and_named(folders, caplog):
@@ -162,7 +162,7 @@ def test_distillation_runs_from_config_with_two_architectures(config_data_factor
     server = simulation.server
     layers = [len(client.model.bert.encoder.layer) for client in server.clients]
     assert layers == [2, 4, 2] and server.clients[0].model is server.clients[2].model  # one replica per model
-    assert len(server.distillation.public.texts) == 75  # a quarter of the 300 training examples
+    assert len(server.algorithm.public.texts) == 75  # a quarter of the 300 training examples
     record = server.fit(rounds=1, validation=simulation.validation)[0]
     assert record["clients"] == 3 and "student_loss" in record and "val_accuracy" in record
     with pytest.raises(ConfigError, match="algorithm distillation trains whole client models; remove peft"):
@@ -200,7 +200,7 @@ def test_clients_probabilities_can_be_clipped_noised_and_accounted(config_data_f
     server = build_simulation(parse_config(data)).server
     history = server.fit(rounds=2)
     assert history[1]["epsilon"] > history[0]["epsilon"] > 0
-    soft = server.distillation.soft_labels
+    soft = server.algorithm.soft_labels
     assert (soft >= 0).all() and soft.sum(dim=-1).allclose(torch.ones(len(soft), dtype=soft.dtype))
     with pytest.raises(ConfigError, match="set algorithm.client_output: probabilities"):
         parse_config({**data, "algorithm": {**algorithm, "client_output": "logits"}})

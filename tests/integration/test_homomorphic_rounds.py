@@ -49,7 +49,7 @@ def test_a_failed_client_and_a_malformed_ciphertext_are_dropped_and_the_rest_are
     encrypted = simulation(config_data_factory, encrypted=True).server
     fail_in_round(plain, {"client-1", "client-2"}, 1)
     fail_in_round(encrypted, {"client-2"}, 1)
-    chunks = -(-(encrypted.spec.numel + 1) // 4096)  # as many as the server expects, none a ciphertext
+    chunks = -(-(encrypted.global_model.spec.numel + 1) // 4096)  # as many as the server expects, none a ciphertext
     forged = {f"ciphertext.{index}": torch.tensor([8, 1, 2], dtype=torch.uint8) for index in range(chunks)}
     encrypted.clients[1].fit = lambda ins: FitRes(torch.zeros(0), 5, {}, forged)
     plain.fit(rounds=1)

@@ -8,6 +8,8 @@ import torch
 
 from conftest import make_records
 from fedlm import FedClient, FedServer
+from fedlm.client.local_training import ProximalTerm
+from fedlm.core.params import ParamSpec
 from fedlm.core.strategies import FedAvg, FedProx, Scaffold
 from fedlm.errors import ClientError
 from fedlm.protocol import FitIns, FitRes
@@ -18,7 +20,7 @@ FAST = {"learning_rate": 3e-3, "max_length": 32}
 def test_proximal_gradient_by_hand():
     param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     param.grad = torch.tensor([0.1, 0.1])
-    FedClient._adjust_gradients([param], 0.5, [torch.tensor([0.0, 4.0])], None)
+    ProximalTerm(0.5, torch.tensor([0.0, 4.0]), ParamSpec(("w",), ((2,),))).adjust_gradients([param])
     assert torch.allclose(param.grad, torch.tensor([0.1 + 0.5, 0.1 - 1.0]))
 
 

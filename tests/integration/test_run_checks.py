@@ -8,7 +8,7 @@ import torch
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation
-from fedlm.runtime.local import build_model, check_max_length
+from fedlm.runtime.assemble import build_model, check_max_length
 
 
 def test_an_output_dir_under_a_file_names_output_dir(config_data_factory, tmp_path):

@@ -79,7 +79,7 @@ def test_string_labels_are_mapped_consistently_across_clients(load_tiny):
     no_tech = [r for r in make_records(60, seed=2) if r["label"] != "tech"]
     clients = [FedClient(only_tech, load_tiny(), name="a"), FedClient(no_tech, load_tiny(), name="b")]
     server = FedServer(clients)
-    assert server.label_map.label2id == {"business": 0, "sport": 1, "tech": 2}
+    assert server.global_model.label_map.label2id == {"business": 0, "sport": 1, "tech": 2}
     assert set(clients[0].encoded().labels) == {2}
     assert set(clients[1].encoded().labels) == {0, 1}
 
@@ -114,7 +114,7 @@ def test_bytes_are_counted_on_the_serialized_payloads(load_tiny):
     expected_down = len(FitIns(server.global_params, {"round": 1, "epochs": 1, "seed": 0}).to_bytes())
     record = server.run_round()
     assert record["bytes_down"] == 3 * expected_down
-    assert 3 * 4 * server.spec.numel < record["bytes_up"] < 3 * (4 * server.spec.numel + 1000)
+    assert 3 * 4 * server.global_model.spec.numel < record["bytes_up"] < 3 * (4 * server.global_model.spec.numel + 1000)
 
 
 def test_saved_model_reloads_and_predicts_the_same(tmp_path, load_tiny):
@@ -140,7 +140,7 @@ def test_label_names_already_in_the_model_config_are_kept(load_tiny):
     model.config.id2label = {0: "tech", 1: "sport", 2: "business"}
     client = FedClient(make_records(30, seed=1), model, name="a")
     server = FedServer([client])
-    assert server.label_map.label2id == {"tech": 0, "sport": 1, "business": 2}
+    assert server.global_model.label_map.label2id == {"tech": 0, "sport": 1, "business": 2}
     assert client.encoded().labels == [{"tech": 0, "sport": 1, "business": 2}[r] for r in client.data.labels]
 
 

@@ -23,6 +23,8 @@ class Strategy(ABC):
     """
 
     STATE: ClassVar[tuple[str, ...]] = ()
+    # a summing channel weights every client the same instead of by its examples (DP-FedAvg)
+    weights_clients_equally: ClassVar[bool] = False
 
     def __init__(self, robust: RobustAggregate | None = None, clip_norm: float | None = None) -> None:
         if clip_norm is not None and not clip_norm > 0:
@@ -33,6 +35,27 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, global_params: torch.Tensor, updates: list[ClientUpdate]) -> torch.Tensor:
         """Return the new global parameters (a new tensor; `global_params` is not modified)."""
+
+    def aggregate_sum(
+        self, global_params: torch.Tensor, total: torch.Tensor, total_weight: float, num_examples: int
+    ) -> torch.Tensor:
+        """The step when a summing channel (secure or homomorphic aggregation) hands over only the
+        weighted sum of the updates and its total weight: the step on their weighted mean."""
+        return self.aggregate(global_params, [ClientUpdate(total / total_weight, num_examples)])
+
+    def private_mean(self, vectors: list[torch.Tensor]) -> torch.Tensor | None:
+        """A differentially private mean of `vectors` (the clients' outputs, in federated
+        distillation), or None for a strategy without privacy."""
+        return None
+
+    def round_noise_multiplier(self, finished: int) -> float | None:
+        """The noise multiplier the round just aggregated had, for the privacy accountant (None:
+        the configured one, or no privacy)."""
+        return None
+
+    def round_metrics(self) -> dict[str, float]:
+        """What the round's record shows of the last step (DP's clip norm, say)."""
+        return {}
 
     def configure_fit(self, global_params: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Extra round config and flat tensors sent to every client with the global parameters."""

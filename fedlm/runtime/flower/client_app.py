@@ -24,6 +24,7 @@ replies with an error record that names it and its file, and the server leaves i
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlm.channels import SecureAggregation, channel_for_stage
+from fedlm.channels.homomorphic import HomomorphicAggregation
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.config import DistillationConfig, LoraConfig, RunConfig
 from fedlm.data.dataset import load_text_dataset
@@ -39,14 +42,12 @@ from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import HomomorphicKeys
-from fedlm.privacy.homomorphic_round import decrypt_sum
 from fedlm.privacy.secure_aggregation import SecAggClient
-from fedlm.privacy.secure_round import answer_stage
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, StageIns, WireMessage
+from fedlm.runtime.assemble import build_model
 from fedlm.runtime.federated_data import load_public_data, split_client
 from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
-from fedlm.runtime.local import build_model
 
 NODE_CONFIG_KEYS = (
     "dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank",
@@ -66,15 +67,14 @@ def query(message: Message, context: Context) -> Message:
 
 @app.query("stage")
 def stage(message: Message, context: Context) -> Message:
-    """Secure aggregation's exchanges (the client's secrets stay in this node's state between
-    them), and decrypting the sum under homomorphic aggregation."""
+    """An update channel's exchanges, answered by the channel that owns the stage (secure
+    aggregation's secrets stay in this node's state between them)."""
 
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, StageIns)
-        if ins.stage == "he_decrypt":
-            return decrypt_sum(node.homomorphic_keys(), ins)
-        secagg, reply = answer_stage(_secure_aggregation(context), ins, node.data.name)
-        context.state[SECAGG_STATE] = ConfigRecord({"client": secagg.to_json()})
+        party = node.channel_party(context)
+        reply = channel_for_stage(ins.stage).answer(party, ins)
+        _keep_channel_state(party, context)
         return reply
 
     return _answer(message, context, work)
@@ -85,21 +85,31 @@ def train(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, FitIns)
         client = _restored_client(node, ins.config["labels"], context)
-        client._secure_aggregation = _secure_aggregation(context)
+        client.channel_state = node.channel_party(context).channel_state
         result = client.fit(ins)
         kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
         if kept:
             context.state[STATE] = ArrayRecord({key: Array(value.numpy()) for key, value in kept.items()})
-        if client._secure_aggregation is not None:  # it now holds its neighbours' shares
-            context.state[SECAGG_STATE] = ConfigRecord({"client": client._secure_aggregation.to_json()})
+        _keep_channel_state(client, context)
         return result
 
     return _answer(message, context, work)
 
 
-def _secure_aggregation(context: Context) -> SecAggClient | None:
-    record = context.state.config_records.get(SECAGG_STATE)
-    return None if record is None else SecAggClient.from_json(str(record["client"]))
+@dataclass
+class ChannelParty:
+    """A node's side of the update channels for a stage message (no model needed): its name and
+    the channels' state (this round's secure aggregation secrets, the CKKS secret key)."""
+
+    name: str
+    channel_state: dict[str, Any]
+
+
+def _keep_channel_state(party: Any, context: Context) -> None:
+    """Secure aggregation's secrets, which change with every exchange, into the node's state."""
+    secrets = party.channel_state.get(SecureAggregation.kind)
+    if secrets is not None:
+        context.state[SECAGG_STATE] = ConfigRecord({"client": secrets.to_json()})
 
 
 @app.evaluate()
@@ -169,6 +179,17 @@ class Node:
             )
         return HomomorphicKeys.load(str(self.node_config["he-secret-context"]))
 
+    def channel_party(self, context: Context) -> ChannelParty:
+        """The channels' state this node keeps: secure aggregation's secrets from its Flower
+        state, and the CKKS secret key from its node config when the run is homomorphic."""
+        state: dict[str, Any] = {}
+        record = context.state.config_records.get(SECAGG_STATE)
+        if record is not None:
+            state[SecureAggregation.kind] = SecAggClient.from_json(str(record["client"]))
+        if self.config.homomorphic is not None:
+            state[HomomorphicAggregation.kind] = self.homomorphic_keys()
+        return ChannelParty(self.data.name, state)
+
     def info(self) -> ClientInfo:
         labels = sorted({label_key(label) for label in self.data.train.labels})
         fingerprint = FedClient.fingerprint_rows(self.data.train, self.data.test)
@@ -194,8 +215,6 @@ class Node:
             **options,
         )
         client.set_label_map(label_map)
-        if config.homomorphic is not None:
-            client.homomorphic_keys = self.homomorphic_keys()
         if isinstance(config.algorithm, DistillationConfig):
             client.join_distillation(load_public_data(config).texts)
         return client

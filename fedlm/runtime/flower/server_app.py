@@ -21,30 +21,21 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedlm.algorithms import FederatedDistillation
 from fedlm.client import TrainingOptions
 from fedlm.config import PredefinedPartitionConfig, RunConfig, cohort_problem
 from fedlm.data.labels import LabelMap
-from fedlm.distillation import FederatedDistillation
 from fedlm.errors import ConfigError, DatasetError, FedlmError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import read_public_context
-from fedlm.privacy.secure_round import SecureAggregation
 from fedlm.protocol import ClientInfo
+from fedlm.runtime.assemble import build_algorithm, build_federation, build_model, check_device, lora_aggregation
 from fedlm.runtime.federated_data import resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.launch import ALLOW_DATA_CHANGE_KEY, OVERWRITE_KEY
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
-from fedlm.runtime.local import (
-    add_privacy,
-    build_algorithm,
-    build_model,
-    build_strategy,
-    check_device,
-    configure_codecs,
-    lora_aggregation,
-)
 from fedlm.runtime.rounds import Federation, check_run_folder, megabytes, round_line, run_federation
-from fedlm.server import FedServer
+from fedlm.server import GlobalModel
 
 logger = logging.getLogger("fedlm")
 
@@ -180,40 +171,22 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
             load_tokenizer(config.model.name),
         )
     transport = FlowerTransport(grid, {info.name: node_id for node_id, info in infos}, label_map.label2id)
-    options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
-    clients_per_round = resolve_clients_per_round(config, len(clients))
-    problem = cohort_problem(config, clients_per_round or len(clients), f"{len(clients)} SuperNodes can take part")
+    problem = cohort_problem(
+        config,
+        resolve_clients_per_round(config, len(clients)) or len(clients),
+        f"{len(clients)} SuperNodes can take part",
+    )
     if problem:
         raise ConfigError(problem)
-    strategy, accounting = add_privacy(
-        config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
-    )
-    server = FedServer.over_transport(
-        clients,
-        transport,
-        model,
-        tokenizer,
-        label_map,
-        TrainingOptions(**options, seed=config.seed),
-        strategy,
-        seed=config.seed,
-        min_clients=config.federation.min_clients,
-        max_client_examples=config.federation.max_client_examples,
-        round_timeout=config.federation.round_timeout,
-        lora_aggregation=lora_aggregation(config),
-        algorithm=algorithm,
-    )
-    # an update (or a client's outputs) and at most two strategy vectors of the same size, plus headers
-    transport.max_reply_bytes = 3 * 4 * server.upload_numel() + (1 << 20)
-    configure_codecs(server, config)
-    server.privacy = accounting
-    if config.secure_aggregation is not None:
-        server.secure_aggregation = SecureAggregation(**config.secure_aggregation.model_dump())
+    options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
+    global_model = GlobalModel(
+        model, tokenizer, label_map, TrainingOptions(**options, seed=config.seed), lora_aggregation(config),
+        clients, layouts=not isinstance(algorithm, FederatedDistillation),
+    )  # fmt: skip
+    public_context = None
     if config.homomorphic is not None:  # the nodes hold the secret key (node config he-secret-context)
-        server.aggregate_encrypted(read_public_context(config.homomorphic.public_context))
-    validation = None
-    if config.data.validation_file is not None:
-        validation = server.encode_dataset(
-            config.data.validation_file, config.data.text_column, config.data.label_column
-        )
-    return Federation(config, server, validation, clients_per_round)
+        public_context = read_public_context(config.homomorphic.public_context)
+    return build_federation(
+        config, clients, algorithm, public_context=public_context, transport=transport, global_model=global_model,
+        validation=config.data.validation_file,
+    )  # fmt: skip

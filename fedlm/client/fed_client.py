@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from fedlm.core.compression import ErrorFeedback, codec_from_spec, codec_spec
+from fedlm.channels import channel_for_fit, channel_for_stage
+from fedlm.channels.homomorphic import HomomorphicAggregation
+from fedlm.client.local_training import TrainingOptions, train_locally, training_hooks
 from fedlm.core.distillation import fingerprint, soften
-from fedlm.core.params import unflatten
 from fedlm.core.privacy import clip_delta
 from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import load_text_dataset
@@ -25,54 +24,11 @@ from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
 from fedlm.privacy.accounting import PrivacyAccountant
-from fedlm.privacy.dp_sgd import PrivateTraining, SampleLevelDP, accountant_from, steps_tensor
+from fedlm.privacy.dp_sgd import accountant_from, steps_tensor
 from fedlm.privacy.homomorphic import HomomorphicKeys
-from fedlm.privacy.homomorphic_round import decrypt_sum, encrypted_update
-from fedlm.privacy.secure_aggregation import SecAggClient
-from fedlm.privacy.secure_round import answer_stage
-from fedlm.protocol import (
-    Compressed,
-    EvaluateIns,
-    EvaluateRes,
-    FitIns,
-    FitRes,
-    StageIns,
-    StageRes,
-    as_bytes,
-)
-from fedlm.tasks.classification import EncodedDataset, batches, encode, evaluate_model
+from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
+from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
 from fedlm.tasks.distillation import distil, predict_logits
-
-
-@dataclass
-class TrainingOptions:
-    """Local training settings; defaults suit fine-tuning a BERT-sized encoder."""
-
-    batch_size: int = 16
-    learning_rate: float = 5e-5
-    max_length: int = 128
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    device: str = "cpu"
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    # sample-level DP: train with DP-SGD (per-example clipping replaces max_grad_norm)
-    dp_sgd: SampleLevelDP | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dp_sgd, dict):  # from a run config
-            self.dp_sgd = SampleLevelDP(**self.dp_sgd)
-        for field_name in ("batch_size", "max_length"):
-            if not isinstance(getattr(self, field_name), int) or getattr(self, field_name) < 1:
-                raise ConfigError(f"{field_name} must be a positive integer, got {getattr(self, field_name)!r}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
 
 
 class FedClient:
@@ -133,8 +89,9 @@ class FedClient:
         self.local_parameters: torch.Tensor | None = None  # its own model, in federated distillation
         self.public_texts: list[str] | None = None  # the public set it predicts on, in distillation
         self.sample_privacy: PrivacyAccountant | None = None  # DP-SGD's steps so far, all rounds
-        self.homomorphic_keys: HomomorphicKeys | None = None  # the CKKS secret key the clients share
-        self._secure_aggregation: SecAggClient | None = None  # this round's secrets, when masking
+        # what the update channels keep on this client, by channel kind (`fedlm.channels`): this
+        # round's secure aggregation secrets, the CKKS secret key the clients share
+        self.channel_state: dict[str, Any] = {}
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
@@ -186,6 +143,15 @@ class FedClient:
         data = self.data if split == "train" else self.test_data
         labels = self.label_map.encode(data.labels, owner=f"client {self.name}")
         return encode(self.tokenizer, data.texts, labels, self.options.max_length)
+
+    @property
+    def homomorphic_keys(self) -> HomomorphicKeys | None:
+        """The CKKS secret key the clients share, under homomorphic aggregation."""
+        return self.channel_state.get(HomomorphicAggregation.kind)
+
+    @homomorphic_keys.setter
+    def homomorphic_keys(self, keys: HomomorphicKeys | None) -> None:
+        self.channel_state[HomomorphicAggregation.kind] = keys
 
     @property
     def privacy_spent(self) -> torch.Tensor | None:
@@ -255,36 +221,12 @@ class FedClient:
             result = self._train(ins, received, int(ins.config.get("epochs", 1)), seed)
         if "dp_clip_norm" in ins.config:
             result.delta = self._privatize(result.delta, ins.config["dp_clip_norm"], ins.config["dp_noise_std"])
-        if "secagg" in ins.config:  # the server gets the update only masked, to be summed
-            inbox = {
-                int(key.split(".")[1]): as_bytes(value) for key, value in ins.tensors.items() if key.startswith("from.")
-            }
-            weighted = result.delta * float(ins.config["secagg"]["weight"])
-            result.delta = self._secure_aggregation.masked_input(weighted, inbox)
-        elif "homomorphic" in ins.config:  # the server gets the update only encrypted, to be summed
-            weight = float(ins.config["homomorphic"]["weight"])
-            encrypted = encrypted_update(self._homomorphic_keys(), result.delta, weight)
-            result = FitRes(torch.zeros(0), result.num_examples, result.metrics, encrypted)
-        if "upload_codec" in ins.config:
-            result.delta = self._compress(result.delta, ins.config["upload_codec"])
-        return result
+        return channel_for_fit(ins.config).seal(self, result, ins)  # masked, encrypted or compressed
 
     def stage(self, ins: StageIns) -> StageRes:
-        """Secure aggregation's exchanges around `fit`: public keys, encrypted key shares, and
-        the shares that let the server unmask the sum (`fedlm.privacy.secure_round`); under
-        homomorphic aggregation, decrypting the sum of the encrypted updates."""
-        if ins.stage == "he_decrypt":
-            return decrypt_sum(self._homomorphic_keys(), ins)
-        self._secure_aggregation, reply = answer_stage(self._secure_aggregation, ins, f"client {self.name}")
-        return reply
-
-    def _homomorphic_keys(self) -> HomomorphicKeys:
-        if self.homomorphic_keys is None:
-            raise ConfigError(
-                f"client {self.name}: homomorphic aggregation needs the clients' CKKS secret key "
-                "(FedClient.homomorphic_keys, a fedlm.privacy.homomorphic.HomomorphicKeys)"
-            )
-        return self.homomorphic_keys
+        """An update channel's exchanges around `fit` (secure aggregation's keys and shares,
+        decrypting a homomorphic sum), answered by the channel that owns the stage."""
+        return channel_for_stage(ins.stage).answer(self, ins)
 
     @staticmethod
     def _privatize(delta: torch.Tensor, clip_norm: float, noise_std: float) -> torch.Tensor:
@@ -326,17 +268,6 @@ class FedClient:
             )
         return encode(self.tokenizer, self.public_texts, [-1] * len(self.public_texts), self.options.max_length)
 
-    def _compress(self, delta: torch.Tensor, spec: dict[str, Any]) -> Compressed:
-        """The delta through the server's upload codec; with error feedback, what the codec drops
-        is kept here (`residual`) and added to the next round's delta."""
-        codec = codec_from_spec(spec)
-        if not spec.get("error_feedback"):
-            return Compressed.encode(codec, delta)
-        feedback = ErrorFeedback(codec, self.residual)
-        parts = feedback.encode(delta)
-        self.residual = feedback.residual
-        return Compressed(codec_spec(codec), parts, delta.numel())
-
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""
         if not self.has_test_data:
@@ -352,83 +283,28 @@ class FedClient:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _train(self, ins: FitIns, received: torch.Tensor, epochs: int, seed: int) -> FitRes:
-        """Local training from the trainable parameters `received` (already loaded), with FedProx's
-        proximal term and SCAFFOLD's gradient correction when `ins` asks for them."""
+        """Local training from the trainable parameters `received` (already loaded), with the hooks
+        the round config asks for (FedProx's proximal term, SCAFFOLD's correction)."""
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"client {self.name}: epochs must be a positive integer, got {epochs!r}")
         data, options = self.encoded(), self.options
         model = self.model.to(options.device)
-        params = [param for param in model.parameters() if param.requires_grad]
-        spec = federated_spec(model)
-        proximal_mu = float(ins.config.get("proximal_mu", 0.0))
-        centers = unflatten(received, spec) if proximal_mu > 0 else None
-        correction = None
-        if ins.config.get("scaffold"):
-            if self.control_variate is None:
-                self.control_variate = torch.zeros_like(received)
-            correction = unflatten(ins.tensors["server_control"] - self.control_variate, spec)
-        optimizer = self._optimizer(params)
-        private = None
-        if options.dp_sgd is not None:
-            private = PrivateTraining(options.dp_sgd, model, optimizer, len(data), options.batch_size)
-        steps_per_epoch = -(-len(data) // options.batch_size) if private is None else private.steps_per_epoch
-        total_steps, step, seen, loss_sum = epochs * steps_per_epoch, 0, 0, torch.zeros((), device=options.device)
-        start = time.perf_counter()
-        model.train()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)  # dropout
-                generator = torch.Generator().manual_seed(seed)
-                for batch in self._batches(data, epochs, generator, private):
-                    if batch is not None:
-                        batch = {key: value.to(options.device) for key, value in batch.items()}
-                        loss = model(**batch).loss if private is None else private.loss(batch)
-                        loss.backward()
-                        loss_sum += loss.detach() * len(batch["labels"])
-                        seen += len(batch["labels"])
-                    if private is not None:  # per-example clipping and noise, before any other change
-                        private.noisy_gradients(sampled_nothing=batch is None)
-                    if centers is not None or correction is not None:
-                        self._adjust_gradients(params, proximal_mu, centers, correction)
-                    if private is None and options.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-                    optimizer.step()
-                    (optimizer if private is None else private.optimizer).zero_grad(set_to_none=True)
-                    step += 1
-                    if self.step_callback is not None:
-                        self.step_callback(step, total_steps)
-        finally:
-            if private is not None:
-                private.close()
-        seconds = time.perf_counter() - start
+        hooks = training_hooks(ins, self, received, federated_spec(model))
+        trained = train_locally(model, data, options, epochs, seed, self._pad_id(), hooks, self.step_callback)
         metrics = {
-            "loss": float(loss_sum) / max(seen, 1),
+            "loss": trained.loss,
             "num_examples": len(data),
-            "steps": step,
-            "seconds": seconds,
-            "samples_per_second": seen / seconds,
+            "steps": trained.steps,
+            "seconds": trained.seconds,
+            "samples_per_second": trained.seen / trained.seconds,
         }
-        if private is not None:
-            metrics.update(self._spend_privacy(private.sampling_rate, step))
+        if trained.sampling_rate is not None:
+            metrics.update(self._spend_privacy(trained.sampling_rate, trained.steps))
         delta = self.get_parameters() - received
         extras = {}
-        if correction is not None:
-            # SCAFFOLD option II: c_i+ = c_i - c + (x - y_i) / (K lr)
-            new_control = self.control_variate - ins.tensors["server_control"] - delta / (step * options.learning_rate)
-            extras["control_delta"] = new_control - self.control_variate
-            self.control_variate = new_control
+        for hook in hooks:
+            extras.update(hook.finish(delta, trained.steps, options.learning_rate))
         return FitRes(delta, len(data), metrics, extras)
-
-    def _batches(self, data: EncodedDataset, epochs: int, generator: torch.Generator, private: PrivateTraining | None):
-        """The training batches: `epochs` shuffled passes, or under DP-SGD Poisson-sampled steps
-        (None for a step that sampled no example)."""
-        if private is None:
-            for _ in range(epochs):
-                order = torch.randperm(len(data), generator=generator).tolist()
-                yield from batches(data, self.options.batch_size, self._pad_id(), order)
-            return
-        for chosen in private.sampled_steps(epochs):
-            yield next(batches(data, len(chosen), self._pad_id(), chosen)) if chosen else None
 
     def _spend_privacy(self, sampling_rate: float, steps: int) -> dict[str, float]:
         """Account DP-SGD's steps of this round; this client's epsilon over all its rounds so far."""
@@ -437,24 +313,3 @@ class FedClient:
             self.sample_privacy = PrivacyAccountant(settings.accountant)
         self.sample_privacy.step(settings.noise_multiplier, sampling_rate, steps)
         return {"dp_sgd_epsilon": self.sample_privacy.epsilon(settings.delta), "dp_sgd_delta": settings.delta}
-
-    @staticmethod
-    @torch.no_grad()
-    def _adjust_gradients(params, proximal_mu, centers, correction) -> None:
-        for index, param in enumerate(params):
-            if centers is not None:  # gradient of mu/2 ||w - w_global||^2
-                param.grad.add_(param - centers[index], alpha=proximal_mu)
-            if correction is not None:  # SCAFFOLD: g - c_i + c
-                param.grad.add_(correction[index])
-
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        options = self.options
-        if options.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=options.learning_rate, weight_decay=options.weight_decay)
-        return torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.dim() >= 2], "weight_decay": options.weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=options.learning_rate,
-        )

@@ -1,5 +1,5 @@
-"""A training round under secure aggregation: the server learns the weighted sum of the updates
-of the clients that finished, never one client's update (`fedlm.privacy.secure_aggregation`).
+"""The secure aggregation channel: the server learns the weighted sum of the updates of the
+clients that finished, never one client's update (SecAgg+, `fedlm.privacy.secure_aggregation`).
 
 Four exchanges with the sampled clients: public keys, encrypted key shares (routed by the
 server), training with a masked update as the reply, and the unmasking shares. Each client's
@@ -14,11 +14,12 @@ model stays unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedlm import gate
+from fedlm.channels.base import ChannelParty, CollectedReplies, RoundContext, UpdateChannel
 from fedlm.core.seeding import derive_seed
 from fedlm.errors import ConfigError, WireError
 from fedlm.privacy.secure_aggregation import (
@@ -35,15 +36,16 @@ from fedlm.privacy.secure_aggregation import (
 )
 from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes, from_bytes
 
-if TYPE_CHECKING:
-    from fedlm.server import FedServer
-
 
 @dataclass
-class SecureAggregation:
+class SecureAggregation(UpdateChannel):
     """Settings: values clipped to [-clip_range, clip_range] before quantization (weighted
     updates are small; with DP the clipped, noised update must fit), and the neighbourhood size
     and threshold (None: SecAgg+'s defaults for the number of sampled clients)."""
+
+    kind: ClassVar[str] = "secure_aggregation"
+    sums: ClassVar[bool] = True
+    stages: ClassVar[tuple[str, ...]] = ("secagg_keys", "secagg_shares", "secagg_reveal")
 
     clip_range: float = 1.0
     num_neighbours: int | None = None
@@ -59,28 +61,54 @@ class SecureAggregation:
             graph_seed,
         )
 
+    def collect(self, context: RoundContext, messages: dict[str, FitIns]) -> CollectedReplies:
+        """Train the clients of `messages` under secure aggregation (`secure_round`); a round whose
+        sum cannot be unmasked comes back with its `error` and no sum."""
+        try:
+            total, replies, failed, summary = secure_round(self, context, messages)
+        except SecAggError as error:
+            return CollectedReplies({}, error=str(error))
+        return CollectedReplies({**failed, **replies}, total, sum(context.weights[name] for name in replies), summary)
 
-def secure_fit(
-    server: FedServer, messages: dict[str, FitIns], weights: dict[str, float]
+    @classmethod
+    def seal(cls, party: ChannelParty, result: FitRes, ins: FitIns) -> FitRes:
+        """The weighted update masked with this round's secrets (which now hold the neighbours' shares)."""
+        inbox = {
+            int(key.split(".")[1]): as_bytes(value) for key, value in ins.tensors.items() if key.startswith("from.")
+        }
+        weighted = result.delta * float(ins.config["channel"]["weight"])
+        secrets = party.channel_state.get(cls.kind)
+        if secrets is None:
+            raise ConfigError(f"client {party.name}: a masked update asked for before secure aggregation's keys")
+        return FitRes(secrets.masked_input(weighted, inbox), result.num_examples, result.metrics, result.extras)
+
+    @classmethod
+    def answer(cls, party: ChannelParty, ins: StageIns) -> StageRes:
+        secrets, reply = answer_stage(party.channel_state.get(cls.kind), ins, f"client {party.name}")
+        party.channel_state[cls.kind] = secrets
+        return reply
+
+
+def secure_round(
+    channel: SecureAggregation, context: RoundContext, messages: dict[str, FitIns]
 ) -> tuple[torch.Tensor, dict[str, FitRes], dict[str, str], dict[str, Any]]:
     """Train the clients of `messages` (their fit instructions) under secure aggregation, each
     update multiplied by its weight. Returns the sum of the finished clients' weighted updates,
     their replies by name (metrics; the update in them is masked), why the others dropped out,
     and a summary for the round's record."""
     names = list(messages)
-    round_number = next(iter(messages.values())).config["round"]
-    settings = server.secure_aggregation.settings(len(names), derive_seed(server.seed, "secagg", round_number))
+    settings = channel.settings(len(names), derive_seed(context.seed, "secagg", context.round))
     secagg = SecAggServer(settings)
     index = {name: position for position, name in enumerate(names)}
     neighbours = {name: [names[v] for v in secagg.neighbours[index[name]]] for name in names}
     dropped: dict[str, str] = {}
-    deadline = server._deadline()
+    deadline = context.deadline
 
     def exchange(stage: str, messages: dict[str, StageIns], check) -> dict[str, Any]:
         """The replies that pass `check` (the protocol's expected shape for this stage; it
         returns what the server keeps of a reply); the others' senders are dropped, named."""
         answers = {}
-        for name, reply in server.transport.stage(messages, deadline).items():
+        for name, reply in context.transport.stage(messages, deadline).items():
             try:
                 if isinstance(reply, str):
                     raise WireError(reply)
@@ -118,11 +146,13 @@ def secure_fit(
             for sender, reply in shares.items()
             if f"to.{index[name]}" in reply.tensors
         }
-        config = {**base.config, "secagg": {"weight": weights[name]}}
+        config = {**base.config, "channel": {"kind": channel.kind, "weight": context.weights[name]}}
         masked_fit[name] = FitIns(base.parameters, config, {**base.tensors, **inbox})
     masked, replies = {}, {}
-    for name, reply in server.transport.fit(masked_fit, deadline).items():
-        problem = reply if isinstance(reply, str) else _masked_problem(reply, server.spec.numel, server._examples[name])
+    for name, reply in context.transport.fit(masked_fit, deadline).items():
+        problem = (
+            reply if isinstance(reply, str) else _masked_problem(reply, context.numel, context.declared_examples[name])
+        )
         if problem:
             dropped[name] = problem
         else:

@@ -1,4 +1,4 @@
-"""A training round under homomorphic aggregation: clients encrypt their weighted updates with
+"""The homomorphic aggregation channel: clients encrypt their weighted updates with
 a CKKS key that only they hold, the server adds the ciphertexts with the public context, and one
 client (a key holder) decrypts the sum (`fedlm.privacy.homomorphic`).
 
@@ -14,39 +14,86 @@ ciphertext that a dishonest server sent it instead.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedlm import gate
-from fedlm.errors import FedlmError, WireError
+from fedlm.channels.base import ChannelParty, CollectedReplies, RoundContext, UpdateChannel
+from fedlm.errors import ConfigError, FedlmError, WireError
 from fedlm.privacy.homomorphic import EncryptedSum, HomomorphicKeys
 from fedlm.protocol import FitIns, FitRes, StageIns, StageRes, as_bytes, from_bytes
-
-if TYPE_CHECKING:
-    from fedlm.server import FedServer
 
 
 class HomomorphicError(FedlmError):
     """Homomorphic aggregation cannot complete (no update arrived, no client could decrypt)."""
 
 
-def encrypted_fit(
-    server: FedServer, messages: dict[str, FitIns], weights: dict[str, float]
+class HomomorphicAggregation(UpdateChannel):
+    """Clients send CKKS ciphertexts that the server adds with `public_context`
+    (`HomomorphicKeys.public_context()`); the clients hold the secret key, as their
+    `channel_state["homomorphic"]` (`FedClient.homomorphic_keys`)."""
+
+    kind: ClassVar[str] = "homomorphic"
+    sums: ClassVar[bool] = True
+    stages: ClassVar[tuple[str, ...]] = ("he_decrypt",)
+
+    def __init__(self, public_context: bytes) -> None:
+        self.public_context = public_context
+
+    def max_reply_bytes(self, numel: int) -> int:
+        # ciphertexts take about 80 bytes a value (8,192-degree CKKS, 4,096 values each)
+        return max(super().max_reply_bytes(numel), 100 * numel + (1 << 20))
+
+    def collect(self, context: RoundContext, messages: dict[str, FitIns]) -> CollectedReplies:
+        try:
+            total, replies, dropped, summary = encrypted_round(self.public_context, context, messages)
+        except HomomorphicError as error:
+            return CollectedReplies({}, error=str(error))
+        return CollectedReplies({**dropped, **replies}, total, sum(context.weights[name] for name in replies), summary)
+
+    @classmethod
+    def seal(cls, party: ChannelParty, result: FitRes, ins: FitIns) -> FitRes:
+        """The weighted update as ciphertexts, in the reply's tensors instead of the delta."""
+        encrypted = encrypted_update(_keys(party), result.delta, float(ins.config["channel"]["weight"]))
+        return FitRes(torch.zeros(0), result.num_examples, result.metrics, encrypted)
+
+    @classmethod
+    def answer(cls, party: ChannelParty, ins: StageIns) -> StageRes:
+        if ins.stage != "he_decrypt":
+            raise ConfigError(f"client {party.name}: unknown stage {ins.stage!r}")
+        return decrypt_sum(_keys(party), ins)
+
+
+def _keys(party: ChannelParty) -> HomomorphicKeys:
+    keys = party.channel_state.get(HomomorphicAggregation.kind)
+    if keys is None:
+        raise ConfigError(
+            f"client {party.name}: homomorphic aggregation needs the clients' CKKS secret key "
+            "(FedClient.homomorphic_keys, a fedlm.privacy.homomorphic.HomomorphicKeys)"
+        )
+    return keys
+
+
+def encrypted_round(
+    public_context: bytes, context: RoundContext, messages: dict[str, FitIns]
 ) -> tuple[torch.Tensor, dict[str, FitRes], dict[str, str], dict[str, Any]]:
     """Train the clients of `messages` with encrypted replies, each update multiplied by its
     weight. Returns the decrypted sum of the valid replies, those replies by name (metrics
     only), why the others were dropped, and a summary for the round's record."""
-    deadline = server._deadline()
+    deadline = context.deadline
+    channel = {"kind": HomomorphicAggregation.kind}
     encrypted = {
-        name: FitIns(ins.parameters, {**ins.config, "homomorphic": {"weight": weights[name]}}, ins.tensors)
+        name: FitIns(
+            ins.parameters, {**ins.config, "channel": {**channel, "weight": context.weights[name]}}, ins.tensors
+        )
         for name, ins in messages.items()
     }
-    length = server.spec.numel + 1  # the weighted update, then its weight: the sum's integrity check
-    total = EncryptedSum(server.homomorphic_context, length)
+    length = context.numel + 1  # the weighted update, then its weight: the sum's integrity check
+    total = EncryptedSum(public_context, length)
     replies: dict[str, FitRes] = {}
     dropped: dict[str, str] = {}
-    for name, reply in server.transport.fit(encrypted, deadline).items():
+    for name, reply in context.transport.fit(encrypted, deadline).items():
         try:
             if isinstance(reply, str):
                 raise ValueError(reply)
@@ -57,10 +104,10 @@ def encrypted_fit(
     if not replies:
         raise HomomorphicError("no client sent a valid encrypted update")
     summed = {f"ciphertext.{index}": from_bytes(chunk) for index, chunk in enumerate(total.ciphertexts())}
-    expected_weight = sum(weights[name] for name in replies)
+    expected_weight = sum(context.weights[name] for name in replies)
     for name in sorted(replies):  # the first finished client that answers decrypts the sum
         ins = StageIns("he_decrypt", {"length": length}, summed)
-        answer = server.transport.stage({name: ins}, deadline)[name]
+        answer = context.transport.stage({name: ins}, deadline)[name]
         problem = answer if isinstance(answer, str) else _sum_problem(answer, length)
         if problem is None:
             decrypted = answer.tensors["sum"]

@@ -26,19 +26,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fedlm.algorithms.averaging import WeightAveraging
+from fedlm.core.compression import Codec
 from fedlm.core.distillation import SOFT_LABEL_WEIGHTINGS, aggregate_soft_labels, fingerprint, soften
-from fedlm.core.privacy import DifferentialPrivacy
 from fedlm.core.seeding import derive_seed
+from fedlm.core.strategies import Strategy
 from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import TextDataset, load_public_set
 from fedlm.errors import ConfigError
-from fedlm.models.federated import get_federated_vector, set_federated_vector
-from fedlm.protocol import FitIns
-from fedlm.tasks.classification import EncodedDataset, encode
+from fedlm.protocol import EvaluateIns, FitIns
+from fedlm.tasks.classification import EncodedDataset
 from fedlm.tasks.distillation import distil, predict_logits
 
-if TYPE_CHECKING:
-    from fedlm.server import FedServer
+if TYPE_CHECKING:  # the server's global model, used through its methods only
+    from fedlm.server.global_model import GlobalModel
 
 CLIENT_OUTPUTS = ("logits", "probabilities")
 
@@ -57,15 +58,15 @@ class PublicSet:
         dataset = data if isinstance(data, TextDataset) else load_public_set(data, text_column, label_column)
         return cls(dataset.texts, dataset.labels, fingerprint(dataset.texts))
 
-    def encode(self, server: FedServer, with_labels: bool) -> EncodedDataset:
-        """Tokenized with the server's tokenizer; labels by the federation's label map when
+    def encode(self, model: GlobalModel, with_labels: bool) -> EncodedDataset:
+        """Tokenized with the global model's tokenizer; labels by the federation's label map when
         `with_labels` (an error if the set has none), else -1."""
         labels = [-1] * len(self.texts)
         if with_labels:
             if any(label is None for label in self.labels):
                 raise ConfigError("hard_label_weight > 0 needs a public set with labels")
-            labels = server.label_map.encode(self.labels, owner="public set")
-        return encode(server._tokenizer, self.texts, labels, server.options.max_length)
+            labels = model.label_map.encode(self.labels, owner="public set")
+        return model.encode(self.texts, labels)
 
 
 @dataclass
@@ -91,15 +92,16 @@ class DistillationSettings:
         if not 0 <= self.hard_label_weight <= 1:
             raise ConfigError(f"hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
 
-    def train(
-        self, model: torch.nn.Module, server: FedServer, public: EncodedDataset, soft_labels: torch.Tensor, seed: int
-    ) -> float:
-        """Distil `model` towards `soft_labels` on the encoded public set; the last epoch's loss."""
-        pad_id = server._tokenizer.pad_token_id or 0
-        return distil(
-            model, public, soft_labels, self.temperature, self.epochs, self.learning_rate, self.batch_size,
-            pad_id, seed, server.options.device, self.hard_label_weight,
+    def train(self, model: GlobalModel, public: EncodedDataset, soft_labels: torch.Tensor, seed: int) -> float:
+        """Distil the global model towards `soft_labels` on the encoded public set, its parameters
+        becoming the global parameters; the last epoch's loss."""
+        trained = model.model()
+        loss = distil(
+            trained, public, soft_labels, self.temperature, self.epochs, self.learning_rate, self.batch_size,
+            model.pad_id, seed, model.options.device, self.hard_label_weight,
         )  # fmt: skip
+        model.params = model.read(trained)
+        return loss
 
 
 class FederatedDistillation:
@@ -113,6 +115,8 @@ class FederatedDistillation:
     The rest (`temperature`, `weighting` of the soft labels, the student's `epochs`,
     `learning_rate`, `batch_size`, `hard_label_weight`) is `DistillationSettings`.
     """
+
+    replaces_weights = True  # clients send outputs on the public set; the student is the global model
 
     def __init__(
         self,
@@ -150,22 +154,47 @@ class FederatedDistillation:
             "public_fingerprint": self.public.fingerprint,
         }
 
-    def fit_message(self, base: dict[str, Any]) -> FitIns:
+    def join(self, clients: list[Any]) -> None:
+        """In process: every client predicts on the public set from now on."""
+        for client in clients:
+            client.join_distillation(self.public.texts)
+
+    def fit_messages(
+        self, model: GlobalModel, strategy: Strategy, names: list[str], base: dict[str, Any], codec: Codec | None
+    ) -> dict[str, FitIns]:
+        """One message for every client: no parameters, the public set's description, the last
+        consensus for the digest step, and DP's clipping and noise shares when clients add them."""
+        config, _ = strategy.configure_fit(model.params)
         tensors = {}
         if self.digest_epochs > 0 and self.soft_labels is not None:
             tensors["soft_labels"] = self.soft_labels.float()
-        return FitIns(torch.zeros(0), {**base, "distillation": self.client_config()}, tensors)
+        message = FitIns(torch.zeros(0), {**base, **config, "distillation": self.client_config()}, tensors)
+        return dict.fromkeys(names, message)
 
-    def output_numel(self, num_labels: int) -> int:
-        return len(self.public.texts) * num_labels
+    def evaluate_messages(self, model: GlobalModel, names: list[str], round_number: int) -> dict[str, EvaluateIns]:
+        """Each client evaluates its own model."""
+        config = {"round": round_number, "distillation": self.client_config()}
+        return dict.fromkeys(names, EvaluateIns(torch.zeros(0), config))
 
-    def aggregate(self, server: FedServer, updates: list[ClientUpdate], round_number: int) -> dict[str, Any]:
+    def upload_numel(self, model: GlobalModel, name: str | None = None) -> int:
+        return len(self.public.texts) * model.label_map.num_labels
+
+    def aggregate(
+        self,
+        model: GlobalModel,
+        strategy: Strategy,
+        updates: list[ClientUpdate],
+        seed: int,
+        round_number: int,
+        summed: None = None,
+    ) -> dict[str, Any]:
         """Soft labels from the clients' outputs, then the student trained on them; the student's
         parameters become the global parameters. Returns the round's distillation metrics."""
-        num_labels = server.label_map.num_labels
-        if isinstance(server.strategy, DifferentialPrivacy):
+        num_labels = model.label_map.num_labels
+        noisy = strategy.private_mean([update.delta for update in updates])
+        if noisy is not None:
             # clipped, noised, equally weighted probabilities, as for weight updates; accounted alike
-            noisy = server.strategy.private_mean([update.delta for update in updates]).view(-1, num_labels)
+            noisy = noisy.view(-1, num_labels)
             clean = noisy.double().clamp_min(0)
             clean[clean.sum(dim=-1) == 0] = 1.0  # noise took every class below 0: no information, uniform
             self.soft_labels = clean / clean.sum(dim=-1, keepdim=True)
@@ -176,16 +205,20 @@ class FederatedDistillation:
             counts = [update.num_examples for update in updates]
             self.soft_labels = aggregate_soft_labels(outputs, counts, self.settings.weighting)
         if self._encoded is None:
-            self._encoded = self.public.encode(server, self.settings.hard_label_weight > 0)
-        student = server._global_model()
-        seed = derive_seed(server.seed, "student", round_number)
-        loss = self.settings.train(student, server, self._encoded, self.soft_labels, seed)
-        server.global_params = get_federated_vector(student)
+            self._encoded = self.public.encode(model, self.settings.hard_label_weight > 0)
+        loss = self.settings.train(model, self._encoded, self.soft_labels, derive_seed(seed, "student", round_number))
         confidence = float(self.soft_labels.max(dim=-1).values.mean())
         return {"student_loss": loss, "soft_label_confidence": confidence}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The last consensus, for the clients' digest step after a resume."""
+        return {} if self.soft_labels is None else {"soft_labels": self.soft_labels.contiguous()}
 
-class EnsembleDistillation:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.soft_labels = state.get("soft_labels")
+
+
+class EnsembleDistillation(WeightAveraging):
     """FedDF: after averaging, distil the averaged model from the ensemble of the clients'
     models (global + each client's delta) on `public_data` (labels not needed)."""
 
@@ -197,27 +230,27 @@ class EnsembleDistillation:
         self.public = PublicSet.load(public_data, text_column, label_column)
         self._encoded: EncodedDataset | None = None
 
-    def refine(
+    def aggregate(
         self,
-        server: FedServer,
-        previous: torch.Tensor,
-        averaged: torch.Tensor,
+        model: GlobalModel,
+        strategy: Strategy,
         updates: list[ClientUpdate],
+        seed: int,
         round_number: int,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The averaged parameters after distilling from the clients' ensemble, and metrics."""
+        summed: None = None,
+    ) -> dict[str, Any]:
+        """Weight averaging, then the average distilled from the clients' ensemble."""
+        previous = model.params
+        summary = super().aggregate(model, strategy, updates, seed, round_number)
         if self._encoded is None:
-            self._encoded = self.public.encode(server, self.settings.hard_label_weight > 0)
-        model = server._global_model()
-        pad_id = server._tokenizer.pad_token_id or 0
+            self._encoded = self.public.encode(model, self.settings.hard_label_weight > 0)
         outputs = []
         for update in updates:
-            set_federated_vector(model, previous + update.delta, server.lora_base)
-            logits = predict_logits(model, self._encoded, self.settings.batch_size, pad_id, server.options.device)
+            client_model = model.model(previous + update.delta)
+            logits = predict_logits(
+                client_model, self._encoded, self.settings.batch_size, model.pad_id, model.options.device
+            )
             outputs.append(soften(logits, self.settings.temperature))
         soft_labels = aggregate_soft_labels(outputs, [u.num_examples for u in updates], self.settings.weighting)
-        set_federated_vector(model, averaged, server.lora_base)
-        loss = self.settings.train(
-            model, server, self._encoded, soft_labels, derive_seed(server.seed, "ensemble", round_number)
-        )
-        return get_federated_vector(model, server.lora_base), {"ensemble_distillation_loss": loss}
+        loss = self.settings.train(model, self._encoded, soft_labels, derive_seed(seed, "ensemble", round_number))
+        return {**summary, "ensemble_distillation_loss": loss}
