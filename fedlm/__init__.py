@@ -14,6 +14,7 @@ _EXPORTS = {
     "FedClient": "fedlm.client",
     "TrainingOptions": "fedlm.client",
     "FedServer": "fedlm.server",
+    "register_strategy": "fedlm.plugins",
     **{
         name: "fedlm.core.strategies"
         for name in ("FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "Scaffold", "Strategy")

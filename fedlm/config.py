@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib
+import importlib.util
 import re
+import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import SchemaValidator, core_schema
 
 from fedlm.errors import ConfigError
 
@@ -162,8 +179,12 @@ RobustConfig = Annotated[MedianConfig | TrimmedMeanConfig | KrumConfig, Field(di
 
 
 class StrategyBase(Section):
+    """What every strategy section has. A plug-in's section subclasses it with
+    `kind: Literal["<its name>"] = "<its name>"` and the options its strategy class takes."""
+
     robust: RobustConfig | None = Field(None, description="a robust aggregate in front of the server step")
     clip_norm: float | None = Field(None, gt=0, description="scale each client delta to at most this L2 norm")
+    kind: str = Field(description="the name the strategy is registered under (fedlm.register_strategy)")
 
 
 class FedAvgConfig(StrategyBase):
@@ -196,9 +217,77 @@ class ScaffoldConfig(StrategyBase):
     server_lr: float = Field(1.0, gt=0)
 
 
-StrategyConfig = Annotated[
-    FedAvgConfig | FedAvgMConfig | FedProxConfig | FedOptConfig | ScaffoldConfig, Field(discriminator="kind")
-]
+# strategy kind -> the section that validates `strategy: {kind: <kind>, ...}`; the strategy classes
+# are in fedlm.core.strategies.STRATEGIES under the same names (fedlm.register_strategy adds to both)
+STRATEGY_SECTIONS: dict[str, type[StrategyBase]] = {}
+# the type of RunConfig.strategy: any registered section, dumped with all of its fields
+StrategyConfig = SerializeAsAny[StrategyBase]
+
+
+def section_kinds(section: type[StrategyBase]) -> tuple[Any, ...]:
+    """The values the `kind` field of `section` accepts: its Literal's, or none."""
+    annotation = section.model_fields["kind"].annotation
+    return get_args(annotation) if get_origin(annotation) is Literal else ()
+
+
+def check_strategy_section(name: str, section: type[StrategyBase]) -> None:
+    """Raise unless `section` may be registered as the config section of strategy `name`."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"strategy name {name!r} must be a lowercase identifier, such as 'fedavg'")
+    if name in STRATEGY_SECTIONS:
+        raise ValueError(
+            f"a strategy section named {name!r} is already registered ({STRATEGY_SECTIONS[name].__name__}); "
+            "choose another name"
+        )
+    if not (isinstance(section, type) and issubclass(section, StrategyBase)):
+        raise TypeError(f"the config section of strategy {name!r} must subclass fedlm.config.StrategyBase")
+    kinds = section_kinds(section)
+    if name not in kinds:
+        raise ValueError(
+            f"{section.__name__} must declare `kind: Literal[{name!r}] = {name!r}` so that configs select it by "
+            f"strategy.kind (it accepts {list(kinds) or 'any string'})"
+        )
+    for kind, other in STRATEGY_SECTIONS.items():
+        if other is not section and kind in kinds:
+            raise ValueError(f"{section.__name__} accepts kind {kind!r}, which is {other.__name__}'s")
+        if other is not section and name in section_kinds(other):
+            raise ValueError(f"{other.__name__} (strategy {kind!r}) accepts kind {name!r} too; choose another name")
+
+
+def register_strategy_section(name: str, section: type[StrategyBase]) -> None:
+    """Make `strategy: {kind: name, ...}` validate with `section`. Plug-ins call
+    `fedlm.register_strategy`, which registers the strategy class along with it."""
+    check_strategy_section(name, section)
+    STRATEGY_SECTIONS[name] = section
+
+
+for _name, _section in {
+    "fedavg": FedAvgConfig,
+    "fedavgm": FedAvgMConfig,
+    "fedprox": FedProxConfig,
+    "fedadagrad": FedOptConfig,
+    "fedadam": FedOptConfig,
+    "fedyogi": FedOptConfig,
+    "scaffold": ScaffoldConfig,
+}.items():
+    register_strategy_section(_name, _section)
+
+
+@functools.lru_cache(maxsize=8)
+def _sections_validator(sections: tuple[tuple[str, type[StrategyBase]], ...]) -> SchemaValidator:
+    # a union tagged by `kind`, as Field(discriminator="kind") builds (the same errors), over exactly
+    # the registered kinds, in the order they were registered
+    return SchemaValidator(
+        core_schema.tagged_union_schema(
+            {kind: section.__pydantic_core_schema__ for kind, section in sections}, discriminator="kind"
+        )
+    )
+
+
+def validate_strategy(value: Any) -> StrategyBase:
+    """`value` (a mapping or a section) validated by the section registered under its `kind`;
+    errors are located under the kind, as a discriminated union's are."""
+    return _sections_validator(tuple(STRATEGY_SECTIONS.items())).validate_python(value)
 
 
 class DPSGDConfig(Section):
@@ -437,8 +526,64 @@ class HomomorphicConfig(Section):
     )
 
 
+def load_plugin(entry: str) -> str:
+    """Import plug-in `entry`, a module name or the path of a .py file, once per process, so that
+    its register_* calls (fedlm.register_strategy) take effect."""
+    if entry.endswith(".py") or "/" in entry or "\\" in entry:
+        path = Path(entry).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"plugin file {entry} does not exist (relative paths start at {Path.cwd()})")
+        name = f"fedlm_plugin_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}"
+        if name in sys.modules:
+            return entry
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as error:
+            del sys.modules[name]  # a later parse tries again
+            if not isinstance(error, Exception):
+                raise
+            raise ValueError(f"plugin {entry} failed while loading: {_failure(error)}") from None
+        return entry
+    if not all(part.isidentifier() for part in entry.split(".")):
+        raise ValueError(f"plugin {entry!r} is neither a module name (such as my_package.strategies) nor a .py file")
+    try:
+        importlib.import_module(entry)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (entry == error.name or entry.startswith(f"{error.name}.")):
+            raise ValueError(
+                f"plugin module {entry!r} not found: {error}; install it, or give the path of a .py file"
+            ) from None
+        raise ValueError(f"plugin {entry} failed while loading: {_failure(error)}") from None
+    except Exception as error:
+        raise ValueError(f"plugin {entry} failed while loading: {_failure(error)}") from None
+    return entry
+
+
+def _failure(error: BaseException) -> str:
+    """`error` in one line, with the plug-in's line that raised it (the innermost outside fedlm)."""
+    fedlm_folder = str(Path(__file__).parent)
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith((fedlm_folder, "<frozen importlib"))
+    ]
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}{where}"
+
+
 class RunConfig(Section):
     version: int = Field(CONFIG_VERSION, description="config format version")
+    # before every section: pydantic validates fields in order, so the plug-ins' registrations are in place
+    plugins: list[Annotated[str, AfterValidator(load_plugin)]] = Field(
+        default_factory=list,
+        description="modules to import before the rest of the config is validated, in order: importable module "
+        "names (my_package.strategies) or paths of .py files (relative to the working directory); their "
+        "fedlm.register_strategy calls make new strategy kinds selectable. Every process that reads the config "
+        "imports them (with --backend flower, the SuperLink's and each SuperNode's too)",
+    )
     seed: int = Field(
         0, description="derives every random choice: split, partition, head init, sampling, shuffling, dropout"
     )
@@ -446,7 +591,9 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
-    strategy: StrategyConfig = FedAvgConfig()
+    strategy: StrategyConfig = Field(
+        FedAvgConfig(), description="the server's aggregation strategy: kind (a registered name) and its options"
+    )
     training: TrainingConfig = TrainingConfig()
     peft: AdapterConfig | None = Field(None, description="train and federate a PEFT adapter instead of all weights")
     communication: CommunicationConfig = CommunicationConfig()
@@ -461,6 +608,19 @@ class RunConfig(Section):
     homomorphic: HomomorphicConfig | None = Field(
         None, description="encrypt the updates so that the server only adds ciphertexts"
     )
+
+    @field_validator("strategy", mode="plain")
+    @classmethod
+    def _registered_strategy(cls, value: Any) -> StrategyBase:
+        return validate_strategy(value)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_plugins(self, handler: Any) -> dict[str, Any]:
+        # a config without plug-ins dumps as it did before the key existed (run folders, checkpoints)
+        data = handler(self)
+        if not self.plugins:
+            data.pop("plugins", None)
+        return data
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:

@@ -7,6 +7,7 @@ config means the same everywhere.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -93,13 +94,21 @@ def build_channel(config: RunConfig, public_context: bytes | None) -> UpdateChan
 
 
 def build_strategy(config: StrategyConfig, num_clients: int) -> Strategy:
+    """The strategy registered under `config.kind`, built from its section's fields; one whose
+    constructor takes `num_clients` (SCAFFOLD) and whose section does not set it gets the run's."""
+    if config.kind not in STRATEGIES:
+        raise ConfigError(
+            f"strategy.kind {config.kind!r} has a config section but no strategy class: register both with "
+            f"fedlm.register_strategy; registered: {list(STRATEGIES)}"
+        )
+    strategy_class = STRATEGIES[config.kind]
     options = config.model_dump(exclude={"kind", "robust"})
     if config.robust is not None:
         robust_options = config.robust.model_dump(exclude={"kind"})
         options["robust"] = ROBUST_AGGREGATES[config.robust.kind](**robust_options)
-    if config.kind == "scaffold":
-        options["num_clients"] = num_clients
-    return STRATEGIES[config.kind](**options)
+    if "num_clients" in inspect.signature(strategy_class).parameters:
+        options.setdefault("num_clients", num_clients)
+    return strategy_class(**options)
 
 
 def add_privacy(

@@ -34,6 +34,65 @@ def test_fedlm_run_trains_and_saves(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "partition.json").exists() and (tmp_path / "out" / "partition.png").exists()
 
 
+STRATEGY_PLUGIN = """
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+import fedlm
+from fedlm.config import StrategyBase
+from fedlm.core.strategies import FedAvg
+
+
+class LoggedStep(FedAvg):
+    def aggregate(self, global_params, updates):
+        with Path(__file__).with_name("aggregated.txt").open("a") as log:
+            log.write(f"{self.server_lr} {len(updates)}\\n")
+        return super().aggregate(global_params, updates)
+
+
+class LoggedStepConfig(StrategyBase):
+    kind: Literal["logged_step"] = "logged_step"
+    server_lr: float = Field(1.0, gt=0, le=1)
+
+
+fedlm.register_strategy("logged_step", LoggedStep, LoggedStepConfig)
+"""
+
+
+def test_run_imports_the_plugins_its_config_lists_before_validating_it(tmp_path, tiny_model_dir):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "logged_step.py").write_text(STRATEGY_PLUGIN)
+    data = tmp_path / "topics.csv"
+    data.write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in make_records(120, 2)))
+    config = {
+        "plugins": ["plugins/logged_step.py"],  # relative to the working directory
+        "model": {"name": str(tiny_model_dir)},
+        "data": {"dataset": str(data), "partition": {"kind": "iid", "num_clients": 2}},
+        "federation": {"rounds": 2},
+        "strategy": {"kind": "logged_step", "server_lr": 0.5},
+        "training": {"max_length": 32},
+        "output_dir": "out",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = fedlm("run", "run.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "plugins" / "aggregated.txt").read_text() == "0.5 2\n0.5 2\n"
+    written = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert written["plugins"] == ["plugins/logged_step.py"] and written["strategy"]["kind"] == "logged_step"
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**config, "strategy": {"kind": "logged_step", "server_lr": 2}}))
+    result = fedlm("run", "run.yaml", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "run.yaml: strategy.logged_step.server_lr: Input should be less than or equal to 1" in result.stderr
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**config, "plugins": ["plugins/missing.py"]}))
+    result = fedlm("run", "run.yaml", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "plugins.0: Value error, plugin file plugins/missing.py does not exist" in result.stderr
+    assert "strategy: Input tag 'logged_step'" in result.stderr  # without the plug-in, the kind is unknown
+
+
 def test_bad_config_exits_2_and_names_the_field_on_stderr(tmp_path):
     (tmp_path / "run.yaml").write_text("federation: {rounds: -1}\n")
     result = fedlm("run", "run.yaml", cwd=tmp_path)
