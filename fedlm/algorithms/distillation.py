@@ -239,9 +239,16 @@ class EnsembleDistillation(WeightAveraging):
         round_number: int,
         summed: None = None,
     ) -> dict[str, Any]:
-        """Weight averaging, then the average distilled from the clients' ensemble."""
+        """Weight averaging, then the average distilled from the clients' ensemble (`refine`)."""
         previous = model.params
         summary = super().aggregate(model, strategy, updates, seed, round_number)
+        return {**summary, **self.refine(model, previous, updates, seed, round_number)}
+
+    def refine(
+        self, model: GlobalModel, previous: torch.Tensor, updates: list[ClientUpdate], seed: int, round_number: int
+    ) -> dict[str, float]:
+        """Distil the averaged global parameters towards the ensemble of the clients' models
+        (`previous` + each update) on the public set; the distillation's loss."""
         if self._encoded is None:
             self._encoded = self.public.encode(model, self.settings.hard_label_weight > 0)
         outputs = []
@@ -253,4 +260,4 @@ class EnsembleDistillation(WeightAveraging):
             outputs.append(soften(logits, self.settings.temperature))
         soft_labels = aggregate_soft_labels(outputs, [u.num_examples for u in updates], self.settings.weighting)
         loss = self.settings.train(model, self._encoded, soft_labels, derive_seed(seed, "ensemble", round_number))
-        return {**summary, "ensemble_distillation_loss": loss}
+        return {"ensemble_distillation_loss": loss}

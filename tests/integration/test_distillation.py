@@ -128,14 +128,14 @@ def test_ensemble_distillation_moves_the_average_towards_the_clients_ensemble(fo
     captured = {}
     original = refine.refine
 
-    def spy(server, previous, averaged, updates, round_number):
-        captured.update(previous=previous, averaged=averaged, updates=updates)
-        return original(server, previous, averaged, updates, round_number)
+    def spy(model, previous, updates, seed, round_number):
+        captured.update(previous=previous, averaged=model.params, updates=updates)
+        return original(model, previous, updates, seed, round_number)
 
     refine.refine = spy
     record = server.fit(rounds=1, local_epochs=1)[0]
     assert record["ensemble_distillation_loss"] >= 0
-    public = refine.public.encode(server, with_labels=False)
+    public = refine.public.encode(server.global_model, with_labels=False)
 
     def probabilities(vector):
         probe = server.get_model()

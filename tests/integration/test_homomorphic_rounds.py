@@ -38,7 +38,7 @@ def test_encrypted_rounds_give_plain_fedavgs_model_and_the_server_holds_only_cip
     for reply in replies:  # no plaintext update: ciphertexts the server's public context cannot decrypt
         assert reply.delta.numel() == 0 and reply.extras and all(key.startswith("ciphertext.") for key in reply.extras)
         assert all(value.dtype == torch.uint8 for value in reply.extras.values())
-    assert not tenseal.context_from(encrypted.homomorphic_context).is_private()  # the server holds no secret key
+    assert not tenseal.context_from(encrypted.channel.public_context).is_private()  # the server holds no secret key
     # CKKS at scale 2^40: errors around 1e-7 on values of order 1e-2
     assert (encrypted.global_params - plain.global_params).abs().max() < 1e-5
     assert (plain.global_params - start).abs().max() > 1e-3  # while the model itself moved

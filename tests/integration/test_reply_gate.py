@@ -26,6 +26,7 @@ from fedlm.models import load_classifier, load_tokenizer
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns
 from fedlm.runtime.flower.records import ARRAYS, HEADER, from_record, to_record
 from fedlm.runtime.flower.transport import FlowerTransport
+from fedlm.server import GlobalModel
 
 HONEST = ("honest-0", "honest-1")
 OPTIONS = {"learning_rate": 3e-3, "max_length": 32, "batch_size": 8}
@@ -161,7 +162,7 @@ def round_reasons(server: FedServer, offenders: dict) -> dict[str, str]:
 @pytest.mark.parametrize("cases", ["crafted", "random"])
 def test_loopback_round_drops_every_malformed_reply_and_aggregates_the_honest_ones(tiny_model_dir, cases, caplog):
     probe = loopback_federation(tiny_model_dir, {})
-    numel = probe.spec.numel
+    numel = probe.global_model.spec.numel
     offenders = crafted_replies(numel) if cases == "crafted" else random_replies(numel, 60, seed=7)
     reasons = round_reasons(loopback_federation(tiny_model_dir, offenders), offenders)
     assert all("Traceback" not in message for message in caplog.messages)
@@ -192,7 +193,7 @@ def test_an_evaluation_reply_that_lies_is_left_out_of_the_client_metrics(tiny_mo
     for client in clients[len(HONEST) :]:
         text = header(evaluation[client.name], kind="evaluate_res")
         client.evaluate = lambda ins, text=text: RawReply(wire_bytes(text, {}))
-    metrics = FedServer(clients).evaluate_clients()
+    metrics = FedServer(clients).evaluate_global_model(None)
     assert metrics["clients_evaluated"] == len(HONEST)
     assert [result["client"] for result in metrics["client_test"]] == list(HONEST)
 
@@ -323,18 +324,15 @@ def flower_federation(tiny_model_dir, offenders: dict[str, RecordDict]) -> FedSe
     grid = InProcessGrid({node_ids[name]: node(name) for name in names})
     transport = FlowerTransport(grid, node_ids, label_map.label2id)
     infos = [ClientInfo(name, DECLARED, 0, ["business", "sport", "tech"]) for name in names]
-    server = FedServer.over_transport(
-        infos, transport, model, load_tokenizer(str(tiny_model_dir)), label_map, TrainingOptions(**OPTIONS)
-    )
-    transport.max_reply_bytes = 3 * 4 * server.upload_numel() + (1 << 20)
-    return server
+    global_model = GlobalModel(model, load_tokenizer(str(tiny_model_dir)), label_map, TrainingOptions(**OPTIONS))
+    return FedServer(infos, transport=transport, global_model=global_model)
 
 
 @pytest.mark.parametrize("cases", ["crafted", "random"])
 def test_flower_round_drops_every_malformed_record_and_aggregates_the_honest_ones(
     tiny_model_dir, flower_identity, cases
 ):
-    numel = flower_federation(tiny_model_dir, {}).spec.numel
+    numel = flower_federation(tiny_model_dir, {}).global_model.spec.numel
     offenders = crafted_records(numel) if cases == "crafted" else random_records(numel, 40, seed=11)
     reasons = round_reasons(flower_federation(tiny_model_dir, offenders), offenders)
     if cases == "crafted":

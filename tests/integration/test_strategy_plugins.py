@@ -3,6 +3,7 @@ validated like a built-in one, built by the runtime, and loaded by a config's `p
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from typing import Any, Literal
@@ -198,3 +199,17 @@ def test_a_plugin_that_fails_names_itself_and_its_error(registries, tmp_path):
     with pytest.raises(ConfigError, match=r"plugins\.0: .*dup.py failed while loading: ValueError: a strategy "
                        r"section named 'fedavg' is already registered .*dup.py, line 4\)"):  # fmt: skip
         parse_config({"plugins": [str(tmp_path / "dup.py")]})
+
+
+def test_a_supernode_imports_only_the_plugins_its_node_config_allows(tmp_path):
+    from fedlm.runtime.flower.flower_app import RUN_CONFIG_KEY, config_from_run_config
+
+    marker = tmp_path / "imported"
+    plugin = tmp_path / "node_plugin.py"
+    plugin.write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('yes')\n")
+    run_config = {RUN_CONFIG_KEY: json.dumps({"plugins": [str(plugin)]})}
+    with pytest.raises(ConfigError, match="does not allow"):
+        config_from_run_config(run_config, allowed_plugins=set())
+    assert not marker.exists()  # refused before anything was imported
+    assert config_from_run_config(run_config, allowed_plugins={str(plugin)}).plugins == [str(plugin)]
+    assert marker.read_text() == "yes"

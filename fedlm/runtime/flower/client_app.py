@@ -12,6 +12,8 @@ Each SuperNode is one client. What it holds comes from its node config
     text-column, label-column   (default: the run config's `data.text_column` / `data.label_column`)
     lora-rank      this client's LoRA rank, at most `peft.r` (stack and svd aggregation; default: `peft.r`)
     he-secret-context   the CKKS secret context from `fedlm he-keys` (homomorphic aggregation)
+    plugins        comma-separated plug-ins (module names or .py paths) this node lets the run config
+                   import; a run config listing any other is refused
 
 Everything else (training options, seed) comes from the run config the server was started with.
 Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
@@ -51,7 +53,7 @@ from fedlm.runtime.flower.records import error_record, from_record, to_record
 
 NODE_CONFIG_KEYS = (
     "dataset", "test-dataset", "name", "model", "device", "text-column", "label-column", "lora-rank",
-    "he-secret-context",
+    "he-secret-context", "plugins",
 )  # fmt: skip
 STATE = "fedlm.client_state"
 SECAGG_STATE = "fedlm.secure_aggregation"
@@ -222,7 +224,8 @@ class Node:
 
 def node_for(context: Context) -> Node:
     """This node's client data for this run."""
-    config = config_from_run_config(context.run_config)
+    allowed = {entry.strip() for entry in str(context.node_config.get("plugins", "")).split(",") if entry.strip()}
+    config = config_from_run_config(context.run_config, allowed)
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
     return Node(config, dict(context.node_config))

@@ -18,8 +18,10 @@ RUN_CONFIG_KEY = "fedlm-config"
 RESUME_KEY = "resume"
 
 
-def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
-    """The fedlm `RunConfig` a Flower run carries (JSON text under `fedlm-config`)."""
+def config_from_run_config(run_config: dict[str, Any], allowed_plugins: set[str] | None = None) -> RunConfig:
+    """The fedlm `RunConfig` a Flower run carries (JSON text under `fedlm-config`). On a SuperNode
+    (`allowed_plugins` given) a plug-in the run config lists is imported only when the node's own
+    config allows it: whoever submits a run must not choose what code every node imports."""
     text = run_config.get(RUN_CONFIG_KEY)
     if not text:
         raise ConfigError(
@@ -30,6 +32,13 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
         data = json.loads(str(text))
     except ValueError as error:
         raise ConfigError(f"Flower run config {RUN_CONFIG_KEY!r} is not JSON: {error}") from None
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    refused = [entry for entry in plugins or [] if allowed_plugins is not None and entry not in allowed_plugins]
+    if refused:
+        raise ConfigError(
+            f"the run config lists plugins {refused}, which this SuperNode does not allow; start it with "
+            f"--node-config \"plugins='{','.join(map(str, refused))}'\" to import them"
+        )
     return parse_config(data, source=f"Flower run config {RUN_CONFIG_KEY!r}")
 
 
