@@ -13,7 +13,7 @@ what was wrong (the round loop drops the client with that reason), never another
   no larger than what the client declared when it joined.
 
 Secure and homomorphic aggregation check their own protocol messages against the shapes the
-protocol expects, with the same helpers (`fedlm.privacy.secure_round`, `homomorphic_round`).
+protocol expects, with the same helpers (`fedlm.channels.secure`, `fedlm.channels.homomorphic`).
 """
 
 from __future__ import annotations
