@@ -178,7 +178,11 @@ def test_secure_aggregation_over_flower_gives_the_plain_models_sum(deployment, w
     # four exchanges per round as Flower messages, each client's secrets in its node's state; the
     # server only ever holds masked vectors and their sum, and the model matches plain FedAvg
     config = write_config(
-        secure_aggregation={"clip_range": 1.0}, training={"learning_rate": 1e-2}, federation={"rounds": 1}
+        secure_aggregation={"clip_range": 1.0},
+        training={"learning_rate": 1e-2},
+        # four messages per client in a round, each a fresh ClientApp process that imports fedlm and loads the
+        # model anew (~10 s each on a busy 2-core machine): one minute for all of them is too tight
+        federation={"rounds": 1, "round_timeout": 240},
     )
     start_nodes(deployment, client_files)
     result = deployment.run(config)
