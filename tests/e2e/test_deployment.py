@@ -26,6 +26,10 @@ from fedlm.runtime.flower.flower_app import write_flower_app
 from fedlm.runtime.flower.local_deployment import LocalDeployment
 
 NAMES = ["alpha", "beta", "gamma"]
+# every message to a node is a fresh ClientApp process that imports torch and transformers and
+# loads the model (BENCHMARKS.md): a test that asserts nothing of the clients' test metrics
+# skips their evaluation, a third to a half of its processes
+NO_CLIENT_EVALUATION = {"clients_per_evaluation": 0}
 APPS = Path(__file__).parent / "flower_apps"
 
 
@@ -129,6 +133,7 @@ def test_stack_with_a_lower_rank_node_matches_simulation_bit_for_bit(deployment,
     config = write_config(
         peft={"method": "lora", "r": 4, "client_ranks": [2, 4, 4], "aggregation": "stack"},
         training={"learning_rate": 1e-2},
+        federation=NO_CLIENT_EVALUATION,
     )
     deployment.start_node("alpha", {"dataset": str(client_files["alpha"]), "lora-rank": 2})
     start_nodes(deployment, {name: client_files[name] for name in ("beta", "gamma")})
@@ -182,7 +187,7 @@ def test_secure_aggregation_over_flower_gives_the_plain_models_sum(deployment, w
         training={"learning_rate": 1e-2},
         # four messages per client in a round, each a fresh ClientApp process that imports fedlm and loads the
         # model anew (~10 s each on a busy 2-core machine): one minute for all of them is too tight
-        federation={"rounds": 1, "round_timeout": 240},
+        federation={"rounds": 1, "round_timeout": 240, **NO_CLIENT_EVALUATION},
     )
     start_nodes(deployment, client_files)
     result = deployment.run(config)
@@ -206,7 +211,9 @@ def test_homomorphic_aggregation_over_flower_gives_the_plain_models_sum(
     # node decrypts the sum (a query.stage message); the model matches plain FedAvg
     keys = HomomorphicKeys().save(tmp_path / "keys")
     config = write_config(
-        homomorphic={"public_context": str(keys["public"])}, training={"learning_rate": 1e-2}, federation={"rounds": 1}
+        homomorphic={"public_context": str(keys["public"])},
+        training={"learning_rate": 1e-2},
+        federation={"rounds": 1, **NO_CLIENT_EVALUATION},
     )
     for name, path in client_files.items():
         deployment.start_node(name, {"dataset": str(path), "he-secret-context": str(keys["secret"])})
@@ -214,7 +221,7 @@ def test_homomorphic_aggregation_over_flower_gives_the_plain_models_sum(
     assert result.returncode == 0, result.stdout + result.stderr
     deployed = read_metrics(tmp_path / "config")
     assert all(r["homomorphic"]["finished"] == 3 and not r["dropped"] for r in deployed[1:])
-    # ciphertexts (~80 bytes a value) outweigh the float32 parameters sent down for training and evaluation
+    # ciphertexts (~80 bytes a value) outweigh the float32 parameters sent down for training
     assert deployed[1]["bytes_up"] > 2 * deployed[1]["bytes_down"]
     plain = load_config(config).model_copy(update={"homomorphic": None, "output_dir": tmp_path / "plain"})
     run_federation(build_simulation(plain))
@@ -230,7 +237,10 @@ def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
 ):
     # the clients also train with DP-SGD: each node keeps its privacy spending in its node state
     dp_sgd = {"noise_multiplier": 1.0, "clip_norm": 1.0}
-    config = write_config(federation={"rounds": 2, "round_timeout": 40, "min_clients": 2}, training={"dp_sgd": dp_sgd})
+    config = write_config(
+        federation={"rounds": 2, "round_timeout": 40, "min_clients": 2, **NO_CLIENT_EVALUATION},
+        training={"dp_sgd": dp_sgd},
+    )
     start_nodes(deployment, client_files)
     run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "config" / "metrics.jsonl"
@@ -248,7 +258,9 @@ def test_a_node_killed_in_round_two_is_dropped_and_the_round_completes(
 
 
 def test_misbehaving_and_broken_nodes_are_dropped_and_named(deployment, write_config, client_files, tmp_path):
-    config_path = write_config(federation={"rounds": 1, "round_timeout": 120}, deployment={"num_clients": 7})
+    config_path = write_config(
+        federation={"rounds": 1, "round_timeout": 120, **NO_CLIENT_EVALUATION}, deployment={"num_clients": 7}
+    )
     app = write_flower_app(tmp_path / "faulty-app", load_config(config_path), resume=False)
     shutil.copy(APPS / "faulty_client_app.py", app)
     pyproject = (app / "pyproject.toml").read_text()
@@ -263,7 +275,8 @@ def test_misbehaving_and_broken_nodes_are_dropped_and_named(deployment, write_co
     malformed.write_text("body,stars\nfine food,5\n")  # no text or label column to find
     deployment.start_node("malformed", {"dataset": str(malformed)})
 
-    result = deployment.flwr("run", str(app), "local", "--stream")
+    # the query and the round's fit are each 5 ClientApp processes that import torch and transformers
+    result = deployment.flwr("run", str(app), "local", "--stream", timeout=300)
     log = result.stdout + result.stderr
     excluded = [line for line in log.splitlines() if "SuperNode excluded: node" in line]
     assert len(excluded) == 2, log
@@ -306,7 +319,7 @@ def test_mismatched_certificates_fail_clearly(deployment, write_config, client_f
 
 
 def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, write_config, client_files, tmp_path):
-    config = write_config(federation={"rounds": 3, "round_timeout": 120})
+    config = write_config(federation={"rounds": 2, "round_timeout": 120, **NO_CLIENT_EVALUATION})
     start_nodes(deployment, client_files)
     run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     state = tmp_path / "config" / "checkpoint" / "state.json"
@@ -315,11 +328,11 @@ def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, wr
         os.kill(pid, signal.SIGKILL)
     run.kill()
     run.wait()
-    assert json.loads(state.read_text())["round"] < 3
+    assert json.loads(state.read_text())["round"] == 1
 
     result = deployment.run(config, "--resume")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert [record["round"] for record in read_metrics(tmp_path / "config")] == [0, 1, 2, 3]
+    assert [record["round"] for record in read_metrics(tmp_path / "config")] == [0, 1, 2]
     assert same_model(tmp_path / "config", simulate(config, tmp_path / "simulated"))
 
 

@@ -124,10 +124,10 @@ class LocalDeployment:
                 time.sleep(0.2)
         raise FedlmError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
 
-    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the Flower CLI against this SuperLink."""
         env = {**os.environ, "FLWR_HOME": str(self.cli_home)}
-        return subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
     def start_node(
         self, name: str, node_config: dict[str, Any], root_certificates: Path | None = None, register: bool = True
