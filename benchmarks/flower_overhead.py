@@ -26,9 +26,9 @@ from rich.table import Table
 
 from fedlm.config import load_config
 from fedlm.data import load_bundled_dataset
-from fedlm.models import load_classifier
 from fedlm.runtime import build_simulation, run_federation
 from fedlm.runtime.flower.local_deployment import LocalDeployment
+from fedlm.tasks.classification import load_classifier
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import build_tiny_model_folder  # noqa: E402  (the tests' tiny model, built offline)

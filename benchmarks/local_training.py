@@ -23,8 +23,9 @@ from rich.table import Table
 from fedlm import FedClient
 from fedlm.config import parse_config
 from fedlm.data import load_bundled_dataset
-from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models import load_tokenizer
 from fedlm.runtime import build_simulation
+from fedlm.tasks.classification import load_classifier
 
 
 def plain_pytorch_epoch(model, tokenizer, texts, labels, batch_size, max_length, lr) -> float:

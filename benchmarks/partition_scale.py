@@ -90,8 +90,8 @@ def child(csv_path: str, model_dir: str, num_clients: int, data_only: bool) -> N
     torch.set_num_threads(2)
     from fedlm.config import parse_config
     from fedlm.data import load_text_dataset
-    from fedlm.models import load_classifier
     from fedlm.runtime import build_simulation
+    from fedlm.tasks.classification import load_classifier
 
     start = time.perf_counter()
     if data_only:

@@ -15,6 +15,8 @@ _EXPORTS = {
     "TrainingOptions": "fedlm.client",
     "FedServer": "fedlm.server",
     "register_strategy": "fedlm.plugins",
+    "register_task": "fedlm.plugins",
+    "Task": "fedlm.tasks",
     **{
         name: "fedlm.core.strategies"
         for name in ("FedAvg", "FedAvgM", "FedProx", "FedAdagrad", "FedAdam", "FedYogi", "Scaffold", "Strategy")

@@ -91,6 +91,7 @@ def _run(config: RunConfig, resume: bool = False, overwrite: bool = False, allow
     )
     with console.status("loading data and model"):
         simulation = build_simulation(config)
+    task = simulation.server.global_model.task
     console.print(
         partition_line(simulation.partition) + f"; {simulation.server.global_model.spec.numel:,} federated parameters"
     )
@@ -115,13 +116,14 @@ def _run(config: RunConfig, resume: bool = False, overwrite: bool = False, allow
             client.step_callback = lambda step, total, name=client.name: on_step(name, step, total)
 
         def on_round_end(record: dict[str, Any]) -> None:
-            progress.console.print(round_line(record, rounds))
+            progress.console.print(round_line(record, rounds, task))
             progress.update(rounds_bar, completed=record["round"])
 
         history = run_federation(simulation, on_round_end, resume, overwrite, allow_data_change)
     last = history[-1]
-    if "val_accuracy" in last:
-        console.print(f"final validation accuracy {last['val_accuracy']:.3f}, macro-F1 {last['val_macro_f1']:.3f}")
+    reported = [metric for metric in task.metrics if last.get(f"val_{metric}") is not None]
+    if reported:
+        console.print("final validation " + ", ".join(f"{metric} {last[f'val_{metric}']:.3f}" for metric in reported))
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     console.print(bytes_table(summary))
     console.print(privacy_line(summary["privacy"]))
@@ -144,27 +146,28 @@ def bytes_table(summary: dict[str, Any], max_rows: int = 20) -> Table:
 
 def partition_line(summary: dict[str, Any]) -> str:
     sizes = summary["client_examples"]
+    share = summary["mean_top_label_share"]
+    shares = "" if share is None else f", mean top-label share {share:.2f}"
     return (
         f"{summary['num_clients']} clients hold {summary['train_examples']} training examples "
-        f"({sizes['min']}-{sizes['max']} each, mean top-label share {summary['mean_top_label_share']:.2f}), "
+        f"({sizes['min']}-{sizes['max']} each{shares}), "
         f"{summary['test_examples']} client test examples; {summary['validation_examples']} validation examples"
     )
 
 
 def partition_table(summary: dict[str, Any], max_rows: int = 40) -> Table:
+    """The clients' sizes, and their label histograms when the task's targets are class labels."""
     table = Table(title=partition_line(summary), title_justify="left")
-    for column in ("client", "examples", "test", *summary["labels"], "top label", "top share"):
+    by_label = bool(summary["labels"])
+    label_columns = (*summary["labels"], "top label", "top share") if by_label else ()
+    for column in ("client", "examples", "test", *label_columns):
         table.add_column(column, justify="left" if column in ("client", "top label") else "right")
     for client in summary["clients"][:max_rows]:
-        counts = [str(client["label_counts"][label]) for label in summary["labels"]]
-        table.add_row(
-            client["client"],
-            str(client["examples"]),
-            str(client["test_examples"]),
-            *counts,
-            client["top_label"],
-            f"{client['top_label_share']:.2f}",
-        )
+        cells = [client["client"], str(client["examples"]), str(client["test_examples"])]
+        if by_label:
+            cells += [str(client["label_counts"][label]) for label in summary["labels"]]
+            cells += [client["top_label"], f"{client['top_label_share']:.2f}"]
+        table.add_row(*cells)
     if len(summary["clients"]) > max_rows:
         table.add_row(f"... {len(summary['clients']) - max_rows} more (see partition.json)")
     return table
@@ -284,13 +287,14 @@ def partition(
 ) -> None:
     """Show how CONFIG splits its data into clients; writes partition.json and partition.png."""
     from fedlm.data.report import partition_summary, write_partition_report
-    from fedlm.runtime.federated_data import prepare_federated_data
+    from fedlm.runtime.federated_data import build_task, prepare_federated_data
 
     try:
         config = load_config(config_path)
         folder = output_dir or config.output_dir
         check_output_dir(folder)
-        summary = partition_summary(prepare_federated_data(config))
+        task = build_task(config)
+        summary = partition_summary(prepare_federated_data(config, task), task.class_labels)
     except FedlmError as error:
         _fail(error)
     write_partition_report(summary, folder)
@@ -298,7 +302,8 @@ def partition(
     needed = Console(width=500).measure(table).maximum
     wide_enough = console if console.is_terminal else Console(width=max(console.width, needed))
     wide_enough.print(table)
-    console.print(f"wrote {Path(folder) / 'partition.json'} and {Path(folder) / 'partition.png'}")
+    heatmap = f" and {Path(folder) / 'partition.png'}" if summary["labels"] else ""
+    console.print(f"wrote {Path(folder) / 'partition.json'}{heatmap}")
 
 
 @app.command()

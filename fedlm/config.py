@@ -114,7 +114,8 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="share of each client's data kept as its test split"
     )
     partition: PartitionConfig = Field(IidPartitionConfig(), description="how the data is split into clients")
-    # the bounds of fedlm.data.labels (MAX_LABELS, MAX_WIRE_LABELS), written out: configs load without torch
+    # the bounds of fedlm.tasks.classification.MAX_LABELS and fedlm.protocol.MAX_WIRE_LABELS, written out:
+    # configs load without torch
     max_labels: int = Field(
         10_000, ge=2, le=100_000, description="most classes a run accepts (integer labels: ids below it)"
     )
@@ -232,26 +233,33 @@ def section_kinds(section: type[StrategyBase]) -> tuple[Any, ...]:
 
 def check_strategy_section(name: str, section: type[StrategyBase]) -> None:
     """Raise unless `section` may be registered as the config section of strategy `name`."""
+    _check_section("strategy", "fedavg", StrategyBase, STRATEGY_SECTIONS, name, section)
+
+
+def _check_section(
+    role: str, example: str, base: type[Section], registered: dict[str, type[Section]], name: str, section: type
+) -> None:
+    """Raise unless `section` (a subclass of `base`) may be registered in `registered` as the config
+    section of the `role` (strategy, task) `name`, selected by its `kind`."""
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
-        raise ValueError(f"strategy name {name!r} must be a lowercase identifier, such as 'fedavg'")
-    if name in STRATEGY_SECTIONS:
+        raise ValueError(f"{role} name {name!r} must be a lowercase identifier, such as {example!r}")
+    if name in registered:
         raise ValueError(
-            f"a strategy section named {name!r} is already registered ({STRATEGY_SECTIONS[name].__name__}); "
-            "choose another name"
+            f"a {role} section named {name!r} is already registered ({registered[name].__name__}); choose another name"
         )
-    if not (isinstance(section, type) and issubclass(section, StrategyBase)):
-        raise TypeError(f"the config section of strategy {name!r} must subclass fedlm.config.StrategyBase")
+    if not (isinstance(section, type) and issubclass(section, base)):
+        raise TypeError(f"the config section of {role} {name!r} must subclass fedlm.config.{base.__name__}")
     kinds = section_kinds(section)
     if name not in kinds:
         raise ValueError(
             f"{section.__name__} must declare `kind: Literal[{name!r}] = {name!r}` so that configs select it by "
-            f"strategy.kind (it accepts {list(kinds) or 'any string'})"
+            f"{role}.kind (it accepts {list(kinds) or 'any string'})"
         )
-    for kind, other in STRATEGY_SECTIONS.items():
+    for kind, other in registered.items():
         if other is not section and kind in kinds:
             raise ValueError(f"{section.__name__} accepts kind {kind!r}, which is {other.__name__}'s")
         if other is not section and name in section_kinds(other):
-            raise ValueError(f"{other.__name__} (strategy {kind!r}) accepts kind {name!r} too; choose another name")
+            raise ValueError(f"{other.__name__} ({role} {kind!r}) accepts kind {name!r} too; choose another name")
 
 
 def register_strategy_section(name: str, section: type[StrategyBase]) -> None:
@@ -288,6 +296,44 @@ def validate_strategy(value: Any) -> StrategyBase:
     """`value` (a mapping or a section) validated by the section registered under its `kind`;
     errors are located under the kind, as a discriminated union's are."""
     return _sections_validator(tuple(STRATEGY_SECTIONS.items())).validate_python(value)
+
+
+class TaskBase(Section):
+    """What every task's config section has: `kind`, the name of a registered task
+    (`fedlm.tasks.TASKS`); a task's options are its section's other fields."""
+
+    kind: str = Field(description="the task: a registered name (classification, or a plug-in's)")
+
+
+class ClassificationTaskConfig(TaskBase):
+    kind: Literal["classification"] = "classification"
+
+
+# task kind -> the section that validates `task: {kind: <kind>, ...}`; the task classes are in
+# fedlm.tasks.TASKS under the same names (fedlm.register_task adds to both)
+TASK_SECTIONS: dict[str, type[TaskBase]] = {}
+# the type of RunConfig.task: any registered section, dumped with all of its fields
+TaskConfig = SerializeAsAny[TaskBase]
+
+
+def check_task_section(name: str, section: type[TaskBase]) -> None:
+    """Raise unless `section` may be registered as the config section of task `name`."""
+    _check_section("task", "classification", TaskBase, TASK_SECTIONS, name, section)
+
+
+def register_task_section(name: str, section: type[TaskBase]) -> None:
+    """Make `task: {kind: name, ...}` validate with `section`. Plug-ins call `fedlm.register_task`,
+    which registers the task class along with it."""
+    check_task_section(name, section)
+    TASK_SECTIONS[name] = section
+
+
+register_task_section("classification", ClassificationTaskConfig)
+
+
+def validate_task(value: Any) -> TaskBase:
+    """`value` (a mapping or a section) validated by the task section registered under its `kind`."""
+    return _sections_validator(tuple(TASK_SECTIONS.items())).validate_python(value)
 
 
 class DPSGDConfig(Section):
@@ -581,7 +627,7 @@ class RunConfig(Section):
         default_factory=list,
         description="modules to import before the rest of the config is validated, in order: importable module "
         "names (my_package.strategies) or paths of .py files (relative to the working directory); their "
-        "fedlm.register_strategy calls make new strategy kinds selectable. Every process that reads the config "
+        "fedlm.register_strategy and fedlm.register_task calls make new strategy and task kinds selectable. Every process that reads the config "
         "imports them (with --backend flower, the SuperLink's and each SuperNode's too)",
     )
     seed: int = Field(
@@ -589,6 +635,10 @@ class RunConfig(Section):
     )
     output_dir: Path = Field(Path("runs/latest"), description="where metrics.jsonl, config.yaml and model/ go")
     model: ModelConfig = ModelConfig()
+    task: TaskConfig = Field(
+        ClassificationTaskConfig(),
+        description="what is trained and measured: kind (a registered task, classification by default) and its options",
+    )
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = Field(
@@ -614,12 +664,20 @@ class RunConfig(Section):
     def _registered_strategy(cls, value: Any) -> StrategyBase:
         return validate_strategy(value)
 
+    @field_validator("task", mode="plain")
+    @classmethod
+    def _registered_task(cls, value: Any) -> TaskBase:
+        return validate_task(value)
+
     @model_serializer(mode="wrap")
-    def _without_empty_plugins(self, handler: Any) -> dict[str, Any]:
-        # a config without plug-ins dumps as it did before the key existed (run folders, checkpoints)
+    def _without_defaults_added_later(self, handler: Any) -> dict[str, Any]:
+        # a config without plug-ins, of the default task, dumps as it did before those keys existed
+        # (run folders, checkpoints)
         data = handler(self)
         if not self.plugins:
             data.pop("plugins", None)
+        if self.task == ClassificationTaskConfig():
+            data.pop("task", None)
         return data
 
     @model_validator(mode="after")

@@ -19,8 +19,12 @@ import torch
 
 from fedlm import gate, wire
 from fedlm.core.compression import Compressed, codec_from_spec
-from fedlm.data.labels import MAX_WIRE_LABELS
 from fedlm.errors import WireError
+
+MAX_WIRE_LABELS = 100_000  # target keys one client may report over the wire, whatever a run's max_labels
+# the config key under which a remote client's fit and evaluate instructions carry the federation's
+# task metadata (`fedlm.tasks.Task.metadata_to_json`: classification's label map)
+TASK_METADATA_KEY = "task_metadata"
 
 
 def _pack(name: str, value: torch.Tensor | Compressed, tensors: dict, meta: dict) -> None:
@@ -167,7 +171,7 @@ class ClientInfo(WireMessage):
     name: str
     num_examples: int
     num_test_examples: int
-    labels: list[str]  # label keys of its training data
+    target_keys: list[str]  # what its task reports about its training targets (classification: label keys)
     lora_rank: int | None = None  # its LoRA rank, when it may differ from the global one
     data_fingerprint: dict[str, Any] | None = None  # FedClient.fingerprint_rows of its data, checked on resume
 
@@ -182,7 +186,7 @@ class ClientInfo(WireMessage):
             "name": self.name,
             "num_examples": self.num_examples,
             "num_test_examples": self.num_test_examples,
-            "labels": self.labels,
+            "labels": self.target_keys,  # the key classification clients have always sent
             "lora_rank": self.lora_rank,
             "data_fingerprint": self.data_fingerprint,
         }

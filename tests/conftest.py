@@ -99,7 +99,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def load_tiny(tiny_model_dir):
     """Load the tiny model with `num_labels` (a fresh, seeded head)."""
-    from fedlm.models import load_classifier
+    from fedlm.tasks.classification import load_classifier
 
     def load(num_labels: int = 3, seed: int = 0):
         return load_classifier(str(tiny_model_dir), num_labels=num_labels, seed=seed)

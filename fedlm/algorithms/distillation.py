@@ -35,8 +35,8 @@ from fedlm.core.update import ClientUpdate
 from fedlm.data.dataset import TextDataset, load_public_set
 from fedlm.errors import ConfigError
 from fedlm.protocol import EvaluateIns, FitIns
-from fedlm.tasks.classification import EncodedDataset
 from fedlm.tasks.distillation import distil, predict_logits
+from fedlm.tasks.text import EncodedDataset
 
 if TYPE_CHECKING:  # the server's global model, used through its methods only
     from fedlm.server.global_model import GlobalModel
@@ -65,8 +65,19 @@ class PublicSet:
         if with_labels:
             if any(label is None for label in self.labels):
                 raise ConfigError("hard_label_weight > 0 needs a public set with labels")
-            labels = model.label_map.encode(self.labels, owner="public set")
+            labels = model.encode_targets(self.labels, owner="public set")
         return model.encode(self.texts, labels)
+
+
+def num_classes(model: GlobalModel) -> int:
+    """The classes of the federation's label map; a ConfigError when its task has no class labels
+    (distillation averages class probabilities)."""
+    if not model.task.class_labels:
+        raise ConfigError(
+            f"federated distillation averages class probabilities, and task {model.task.kind!r} has no class "
+            "labels; use weight averaging (no algorithm) or a classification task"
+        )
+    return model.metadata.num_labels
 
 
 @dataclass
@@ -177,7 +188,7 @@ class FederatedDistillation:
         return dict.fromkeys(names, EvaluateIns(torch.zeros(0), config))
 
     def upload_numel(self, model: GlobalModel, name: str | None = None) -> int:
-        return len(self.public.texts) * model.label_map.num_labels
+        return len(self.public.texts) * num_classes(model)
 
     def aggregate(
         self,
@@ -190,7 +201,7 @@ class FederatedDistillation:
     ) -> dict[str, Any]:
         """Soft labels from the clients' outputs, then the student trained on them; the student's
         parameters become the global parameters. Returns the round's distillation metrics."""
-        num_labels = model.label_map.num_labels
+        num_labels = num_classes(model)
         noisy = strategy.private_mean([update.delta for update in updates])
         if noisy is not None:
             # clipped, noised, equally weighted probabilities, as for weight updates; accounted alike
@@ -249,6 +260,7 @@ class EnsembleDistillation(WeightAveraging):
     ) -> dict[str, float]:
         """Distil the averaged global parameters towards the ensemble of the clients' models
         (`previous` + each update) on the public set; the distillation's loss."""
+        num_classes(model)  # the ensemble's outputs are class probabilities
         if self._encoded is None:
             self._encoded = self.public.encode(model, self.settings.hard_label_weight > 0)
         outputs = []

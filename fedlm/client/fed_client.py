@@ -17,8 +17,7 @@ from fedlm.client.local_training import TrainingOptions, train_locally, training
 from fedlm.core.distillation import fingerprint, soften
 from fedlm.core.privacy import clip_delta
 from fedlm.core.seeding import derive_seed
-from fedlm.data.dataset import load_text_dataset
-from fedlm.data.labels import LabelMap, label_key
+from fedlm.data.dataset import value_key
 from fedlm.errors import ConfigError
 from fedlm.models.adapters import add_adapter, is_adapted
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
@@ -27,16 +26,19 @@ from fedlm.privacy.accounting import PrivacyAccountant
 from fedlm.privacy.dp_sgd import accountant_from, steps_tensor
 from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
-from fedlm.tasks.classification import EncodedDataset, encode, evaluate_model
+from fedlm.tasks import ClassificationTask, Task, task_for
 from fedlm.tasks.distillation import distil, predict_logits
+from fedlm.tasks.text import EncodedDataset, encode
 
 
 class FedClient:
     """A federation participant: its private dataset, a model to train, and its training options.
 
     `dataset` is a file path (CSV, TSV, JSONL, JSON, Parquet, or a `datasets.save_to_disk` folder),
-    a `datasets.Dataset` or a list of dicts. Text and label columns are detected by name
-    (text/sentence/content..., label/category/topic...) or given. Several clients may share one
+    a `datasets.Dataset` or a list of dicts, read by `task` (a `fedlm.tasks.Task` or a registered
+    kind; sequence classification by default). Text and label (target) columns are detected by
+    name (text/sentence/content..., for classification label/category/topic...) or given. Several
+    clients may share one
     model object: each `fit` loads the global parameters before training, so a simulation keeps
     one model replica however many clients it has. `test_dataset` (same kinds as `dataset`) is the
     client's own test split, on which `evaluate` reports the global model's metrics. `peft` (a
@@ -60,6 +62,7 @@ class FedClient:
         name: str | None = None,
         test_dataset: Any = None,
         peft: Any = None,
+        task: Task | str | None = None,
         **training_options: Any,
     ) -> None:
         unknown = set(training_options) - set(TrainingOptions.__dataclass_fields__)
@@ -70,11 +73,12 @@ class FedClient:
         self.options = TrainingOptions(**training_options)
         self.name = name or (Path(dataset).stem if isinstance(dataset, (str, Path)) else None)
         owner = f"client {self.name or '(unnamed)'}"
-        self.data = load_text_dataset(dataset, text_column, label_column, owner=owner)
+        self.task = ClassificationTask() if task is None else task_for(task) if isinstance(task, str) else task
+        self.data = self.task.read(dataset, text_column, label_column, owner=owner)
         self.test_data = (
             None
             if test_dataset is None
-            else load_text_dataset(test_dataset, text_column, label_column, owner=f"{owner} test set")
+            else self.task.read(test_dataset, text_column, label_column, owner=f"{owner} test set")
         )
         if peft is not None and not is_adapted(model):
             model = add_adapter(model, peft, seed=derive_seed(self.options.seed, "adapter"))
@@ -82,7 +86,8 @@ class FedClient:
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(getattr(model, "name_or_path", ""), owner)
         )
-        self.label_map: LabelMap | None = None
+        self.metadata: Any = None  # the federation's task metadata (classification: its LabelMap)
+        self._has_metadata = False
         self.step_callback: Callable[[int, int], None] | None = None
         self.control_variate: torch.Tensor | None = None  # SCAFFOLD's c_i, kept between rounds
         self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
@@ -111,38 +116,40 @@ class FedClient:
 
     @staticmethod
     def fingerprint_rows(train: Any, test: Any = None) -> dict[str, Any]:
-        """Example counts and a sha256 of the texts and label keys, row by row in order, of a train
+        """Example counts and a sha256 of the texts and target keys, row by row in order, of a train
         and an optional test `TextDataset`: any added, removed, reordered or edited row (text or
-        label) changes it. Cheap next to a round: one pass over the text."""
+        target) changes it. Cheap next to a round: one pass over the text."""
         digest = hashlib.sha256()
         for split in (train, test):
             digest.update(b"\x1d")  # splits apart: a row moved from train to test changes the hash
             if split is not None:
                 for text, label in zip(split.texts, split.labels):
-                    digest.update(json.dumps([text, label_key(label)]).encode())
+                    digest.update(json.dumps([text, value_key(label)]).encode())
         return {"examples": len(train), "test_examples": 0 if test is None else len(test), "sha256": digest.hexdigest()}
 
-    # ---- labels ------------------------------------------------------------------------------
+    # ---- targets -----------------------------------------------------------------------------
 
-    def label_values(self) -> set[str]:
-        return {label_key(value) for value in self.data.labels}
+    def target_keys(self) -> list[str]:
+        """What this client's task reports about its training targets (classification: its label keys)."""
+        return self.task.target_keys(self.data.labels)
 
-    def set_label_map(self, label_map: LabelMap) -> None:
-        """Use the federation's label map (the server owns it); checks this client's labels fit."""
-        label_map.encode(self.data.labels, owner=f"client {self.name}")
+    def set_metadata(self, metadata: Any) -> None:
+        """Use the federation's task metadata (the server owns it, classification: the label map);
+        checks that this client's targets encode with it and that its model fits it."""
+        self.task.encode_targets(metadata, self.data.labels, owner=f"client {self.name}")
         if self.test_data is not None:
-            label_map.encode(self.test_data.labels, owner=f"client {self.name} test set")
-        label_map.check_fits(self.model.config.num_labels, owner=f"client {self.name}")
-        self.label_map = label_map
+            self.task.encode_targets(metadata, self.test_data.labels, owner=f"client {self.name} test set")
+        self.task.check_model(self.model, metadata, owner=f"client {self.name}")
+        self.metadata, self._has_metadata = metadata, True
 
     def encoded(self, split: Literal["train", "test"] = "train") -> EncodedDataset:
         """Tokenized examples of the train or test split. Tokenized on demand, not kept: a simulation
         of thousands of clients holds their text, never all their tokens at once."""
-        if self.label_map is None:
-            self.set_label_map(LabelMap.from_values(self.data.labels))
+        if not self._has_metadata:  # a client on its own: the metadata of its own targets
+            self.set_metadata(self.task.metadata(self.target_keys()))
         data = self.data if split == "train" else self.test_data
-        labels = self.label_map.encode(data.labels, owner=f"client {self.name}")
-        return encode(self.tokenizer, data.texts, labels, self.options.max_length)
+        targets = self.task.encode_targets(self.metadata, data.labels, owner=f"client {self.name}")
+        return self.task.encode(self.tokenizer, data.texts, targets, self.options.max_length)
 
     @property
     def homomorphic_keys(self) -> HomomorphicKeys | None:
@@ -274,7 +281,7 @@ class FedClient:
             return EvaluateRes(0, {})
         self._load(ins)  # in distillation: its own model
         test = self.encoded("test")
-        metrics = evaluate_model(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
+        metrics = self.task.evaluate(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
         return EvaluateRes(len(test), metrics)
 
     # ---- local training ----------------------------------------------------------------------

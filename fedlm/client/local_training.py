@@ -22,7 +22,7 @@ from fedlm.core.params import ParamSpec, unflatten
 from fedlm.errors import ConfigError
 from fedlm.privacy.dp_sgd import PrivateTraining, SampleLevelDP
 from fedlm.protocol import FitIns
-from fedlm.tasks.classification import EncodedDataset, batches
+from fedlm.tasks.text import EncodedDataset, batches
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""Loading client datasets, bundled datasets, label maps and partitioners."""
+"""Loading client datasets, bundled datasets and partitioners."""
 
 from fedlm.data.bundled import BUNDLED_DATASETS, load_bundled_dataset
 from fedlm.data.dataset import TextDataset, concatenate, load_text_dataset
-from fedlm.data.labels import LabelMap
 from fedlm.data.partition import (
     PARTITIONERS,
     DirichletPartitioner,
@@ -28,7 +27,6 @@ __all__ = [
     "client_sources",
     "concatenate",
     "load_predefined",
-    "LabelMap",
     "TextDataset",
     "holdout_split",
     "load_bundled_dataset",

@@ -73,10 +73,26 @@ def concatenate(parts: list[TextDataset], source: str) -> TextDataset:
     )
 
 
+def value_key(value: Any) -> str:
+    """A column value as a string, so that 3, "3" and 3.0 from CSV, JSON and Parquet agree (label
+    keys, row fingerprints)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
 def load_text_dataset(
-    dataset: Any, text_column: str | None = None, label_column: str | None = None, owner: str = "dataset"
+    dataset: Any,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    owner: str = "dataset",
+    label_aliases: tuple[str, ...] = LABEL_ALIASES,
 ) -> TextDataset:
-    """Load `dataset` (a path, a `datasets.Dataset`, a list of dicts, or a TextDataset).
+    """Load `dataset` (a path, a `datasets.Dataset`, a list of dicts, or a TextDataset): its texts,
+    and each row's target from `label_column` (or the first column named like one of
+    `label_aliases`), which must not be missing. With no `label_column` and no `label_aliases` the
+    rows hold only text, and every target is None. What a target may be is the task's to check
+    (`fedlm.tasks.Task.read`).
 
     `owner` names the client (or "validation set") in error messages.
     """
@@ -84,20 +100,19 @@ def load_text_dataset(
         return dataset
     source, columns = _read_columns(dataset, owner)
     text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
-    label_name = _pick_column(columns, label_column, LABEL_ALIASES, "label", owner, source)
-    texts, labels = columns[text_name], columns[label_name]
+    texts = columns[text_name]
+    if label_column is None and not label_aliases:
+        label_name, labels = None, [None] * len(texts)
+    else:
+        label_name = _pick_column(columns, label_column, label_aliases, "label", owner, source)
+        labels = columns[label_name]
     if len(texts) == 0:
         raise DatasetError(f"{owner}: {source} holds no examples; every client needs at least one")
     for row, (text, label) in enumerate(zip(texts, labels)):
-        if not isinstance(text, str) or _is_missing(label):
+        if not isinstance(text, str) or (label_name is not None and _is_missing(label)):
             raise DatasetError(
                 f"{owner}: {source} row {row}: text must be a string and label non-empty, "
                 f"got text={text!r:.60} label={label!r:.60}"
-            )
-        if not isinstance(label, (str, numbers.Number)):
-            raise DatasetError(
-                f"{owner}: {source} row {row}: the label must be one string or number (each example has one class), "
-                f"got a {type(label).__name__}: {label!r:.60}"
             )
     others = {name: list(values) for name, values in columns.items() if name not in (text_name, label_name)}
     return TextDataset(list(texts), list(labels), source, others)

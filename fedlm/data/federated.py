@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlm.data.dataset import TextDataset
-from fedlm.data.labels import label_key
 
 
 @dataclass
@@ -21,7 +20,3 @@ class FederatedData:
     clients: list[ClientData]
     validation: TextDataset | None
     public: TextDataset | None = None  # distillation's public set, when held out of the dataset
-
-    def label_values(self) -> list[str]:
-        """Every label some client trains on, as sorted label keys."""
-        return sorted({label_key(label) for client in self.clients for label in client.train.labels})

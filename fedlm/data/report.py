@@ -1,4 +1,5 @@
-"""What each client holds: a summary (partition.json) and a heatmap of labels by client (partition.png)."""
+"""What each client holds: a summary (partition.json) and, when the targets are class labels, a
+heatmap of labels by client (partition.png)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,25 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fedlm.data.dataset import value_key
 from fedlm.data.federated import FederatedData
-from fedlm.data.labels import label_key
 
 
-def partition_summary(federated: FederatedData) -> dict[str, Any]:
-    """Per client: examples, test examples, label histogram, top label and its share; plus totals."""
-    labels = federated.label_values()
+def partition_summary(federated: FederatedData, class_labels: bool = True) -> dict[str, Any]:
+    """Per client: examples, test examples, and when the targets are `class_labels` the label
+    histogram, top label and its share; plus totals."""
+    labels = sorted({value_key(label) for client in federated.clients for label in client.train.labels})
+    labels = labels if class_labels else []
     clients = []
     for client in federated.clients:
-        counts = Counter(label_key(label) for label in client.train.labels)
-        top_label, top_count = min(counts.items(), key=lambda item: (-item[1], item[0]))
-        clients.append(
-            {
-                "client": client.name,
-                "examples": len(client.train),
-                "test_examples": len(client.test),
-                "label_counts": {label: counts.get(label, 0) for label in labels},
-                "top_label": top_label,
-                "top_label_share": top_count / len(client.train),
-            }
-        )
+        summary = {"client": client.name, "examples": len(client.train), "test_examples": len(client.test)}
+        if class_labels:
+            counts = Counter(value_key(label) for label in client.train.labels)
+            top_label, top_count = min(counts.items(), key=lambda item: (-item[1], item[0]))
+            summary["label_counts"] = {label: counts.get(label, 0) for label in labels}
+            summary["top_label"] = top_label
+            summary["top_label_share"] = top_count / len(client.train)
+        clients.append(summary)
     sizes = [client["examples"] for client in clients]
     return {
         "num_clients": len(clients),
@@ -42,17 +41,20 @@ def partition_summary(federated: FederatedData) -> dict[str, Any]:
             "max": max(sizes),
             "std": statistics.pstdev(sizes),
         },
-        "mean_top_label_share": statistics.fmean(client["top_label_share"] for client in clients),
+        "mean_top_label_share": (
+            statistics.fmean(client["top_label_share"] for client in clients) if class_labels else None
+        ),
         "clients": clients,
     }
 
 
 def write_partition_report(summary: dict[str, Any], folder: str | Path) -> None:
-    """Write partition.json and partition.png (label shares by client) into `folder`."""
+    """Write partition.json and, when it has labels, partition.png (label shares by client) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "partition.json").write_text(json.dumps(summary, indent=2))
-    plot_label_heatmap(summary, folder / "partition.png")
+    if summary["labels"]:
+        plot_label_heatmap(summary, folder / "partition.png")
 
 
 def plot_label_heatmap(summary: dict[str, Any], path: Path) -> None:

@@ -1,10 +1,11 @@
-"""Loading a sequence-classification model and its tokenizer from a local folder, offline."""
+"""Loading a pretrained model (for a task's head) and its tokenizer from a local folder, offline."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -44,15 +45,15 @@ def load_tokenizer(name_or_path: str, owner: str = "model"):
         ) from error
 
 
-def load_classifier(name_or_path: str, num_labels: int, seed: int) -> torch.nn.Module:
-    """A sequence classifier from a bundled name or folder; a new head is initialised from `seed`."""
-    from transformers import AutoModelForSequenceClassification
-
+def load_pretrained(auto_class: Any, name_or_path: str, seed: int, **options: Any) -> torch.nn.Module:
+    """`auto_class.from_pretrained` (such as transformers' AutoModelForSequenceClassification) on a
+    bundled name or folder, offline, with `options` (num_labels, problem_type, ...); a new head is
+    initialised from `seed`. Tasks load their models through it (`fedlm.tasks.Task.load_model`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(name_or_path)
     try:
         with quiet_transformers(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels)
+            return auto_class.from_pretrained(str(path), **options)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name_or_path} from {path}: {error}") from error

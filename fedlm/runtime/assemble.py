@@ -30,13 +30,14 @@ from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data.dataset import TextDataset
 from fedlm.errors import ConfigError
-from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models import load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a
 from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
 from fedlm.protocol import ClientTransport
-from fedlm.runtime.federated_data import load_public_data, resolve_clients_per_round
+from fedlm.runtime.federated_data import build_task, load_public_data, resolve_clients_per_round
 from fedlm.runtime.rounds import Federation
 from fedlm.server import FedServer, GlobalModel
+from fedlm.tasks import Task
 
 logger = logging.getLogger("fedlm")
 
@@ -165,11 +166,12 @@ def add_privacy(
     return private, accounting
 
 
-def build_model(config: RunConfig, model_name: str, num_labels: int, lora_rank: int | None = None) -> torch.nn.Module:
-    """The run's classifier: pretrained `model_name` with a head seeded from the run seed, and the
+def build_model(config: RunConfig, model_name: str, metadata: Any, lora_rank: int | None = None) -> torch.nn.Module:
+    """The run's model: pretrained `model_name` with the head of the config's task for the
+    federation's `metadata` (classification: its label map), seeded from the run seed, and the
     config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
     when given). Every participant builds the same one."""
-    model = load_classifier(model_name, num_labels=num_labels, seed=derive_seed(config.seed, "init"))
+    model = build_task(config).load_model(model_name, metadata, seed=derive_seed(config.seed, "init"))
     check_max_length(config, model, model_name)
     if config.peft is None:
         return model
@@ -246,21 +248,26 @@ def lora_aggregation(config: RunConfig) -> str:
 
 
 def build_algorithm(
-    config: RunConfig, num_labels: int, held_out_public: TextDataset | None = None
+    config: RunConfig, task: Task, metadata: Any, held_out_public: TextDataset | None = None
 ) -> FederatedDistillation | EnsembleDistillation | None:
     """The config's distillation algorithm (None: weight averaging), with its public set (the
     slice held out of a simulation's dataset, or its own) and, for federated distillation, the
-    student (seeded head)."""
+    student (seeded head, for the task's `metadata`). Distillation needs a task of class labels."""
     settings = config.algorithm
     if settings is None:
         return None
+    if not task.class_labels:
+        raise ConfigError(
+            f"algorithm {settings.kind} distils class probabilities, and task {task.kind!r} has no class labels; "
+            "remove the algorithm section (weight averaging) or use a classification task"
+        )
     public = load_public_data(config, held_out_public)
     training = settings.model_dump(include=set(DistillationSettings.__dataclass_fields__))
     columns = {"text_column": settings.public_data.text_column, "label_column": settings.public_data.label_column}
     if isinstance(settings, EnsembleDistillationConfig):
         return EnsembleDistillation(public, **columns, **training)
     student_name = settings.student or config.model.name
-    student = load_classifier(student_name, num_labels=num_labels, seed=derive_seed(config.seed, "student"))
+    student = task.load_model(student_name, metadata, seed=derive_seed(config.seed, "student"))
     check_max_length(config, student, student_name)
     return FederatedDistillation(
         public, student, load_tokenizer(student_name), client_output=settings.client_output,

@@ -3,6 +3,7 @@ server's federated validation set."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -17,42 +18,62 @@ from fedlm.data import (
     holdout_split,
     load_bundled_dataset,
     load_predefined,
-    load_text_dataset,
 )
 from fedlm.data.dataset import load_public_set
 from fedlm.data.federated import ClientData, FederatedData
-from fedlm.data.labels import label_key
 from fedlm.data.partition import NaturalPartitioner, Partitioner
 from fedlm.errors import ConfigError, DatasetError
+from fedlm.tasks import TASKS, Task
+
+LABEL_SKEW_PARTITIONS = ("dirichlet", "shards")  # partitions that skew the classes, unless given a column
 
 
-def load_source(config: RunConfig) -> TextDataset:
-    """The run's single source dataset (bundled or a file), subsampled to `max_examples`."""
+def build_task(config: RunConfig) -> Task:
+    """The task registered under `config.task.kind`, built from its section's fields; one whose
+    constructor takes `max_labels` (classification) and whose section does not set it gets the
+    run's `data.max_labels`."""
+    if config.task.kind not in TASKS:
+        raise ConfigError(
+            f"task.kind {config.task.kind!r} has a config section but no task class: register both with "
+            f"fedlm.register_task; registered: {list(TASKS)}"
+        )
+    task_class = TASKS[config.task.kind]
+    options = config.task.model_dump(exclude={"kind"})
+    if "max_labels" in inspect.signature(task_class).parameters:
+        options.setdefault("max_labels", config.data.max_labels)
+    return task_class(**options)
+
+
+def load_source(config: RunConfig, task: Task) -> TextDataset:
+    """The run's single source dataset (bundled or a file) as `task` reads it, subsampled to `max_examples`."""
     data_config = config.data
     name = data_config.dataset
     if name in BUNDLED_DATASETS or (not Path(name).exists() and not Path(name).suffix):
-        data = load_bundled_dataset(name)  # names the registered datasets when `name` is unknown
+        # names the registered datasets when `name` is unknown; the task checks its labels
+        data = task.read(load_bundled_dataset(name), owner="data.dataset")
     else:
-        data = load_text_dataset(
-            data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset"
-        )
+        data = task.read(data_config.dataset, data_config.text_column, data_config.label_column, owner="data.dataset")
     if data_config.max_examples is not None and data_config.max_examples < len(data):
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "subset"))
         data = data.subset(sorted(torch.randperm(len(data), generator=generator)[: data_config.max_examples].tolist()))
     return data
 
 
-def prepare_federated_data(config: RunConfig) -> FederatedData:
+def prepare_federated_data(config: RunConfig, task: Task | None = None) -> FederatedData:
+    """The config's clients (train and test splits), validation set and held-out public set, read
+    by `task` (None: the config's, `build_task`)."""
+    task = build_task(config) if task is None else task
     data_config, partition = config.data, config.data.partition
+    check_partition_fits(partition, task)
     if isinstance(partition, PredefinedPartitionConfig):
         sources = client_sources(partition.clients, partition.folder)
-        data, parts, names = load_predefined(sources, data_config.text_column, data_config.label_column)
+        data, parts, names = load_predefined(sources, data_config.text_column, data_config.label_column, task.read)
     else:
-        data = load_source(config)
+        data = load_source(config, task)
         parts, names = None, None
     validation = None
     if data_config.validation_file is not None:
-        validation = load_text_dataset(
+        validation = task.read(
             data_config.validation_file, data_config.text_column, data_config.label_column, owner="data.validation_file"
         )
         kept = list(range(len(data)))
@@ -81,8 +102,23 @@ def prepare_federated_data(config: RunConfig) -> FederatedData:
         for name, part in zip(names, parts)
     ]
     federated = FederatedData(clients, validation, public)
-    check_validation_labels(federated)
+    check_validation_labels(federated, task)
     return federated
+
+
+def check_partition_fits(partition: PartitionConfig, task: Task) -> None:
+    """A label-skew partition of the labels needs a task whose targets are class labels."""
+    if partition.kind in LABEL_SKEW_PARTITIONS and partition.column is None and not task.class_labels:
+        raise ConfigError(
+            f"data.partition.kind {partition.kind} skews the class labels, and task {task.kind!r} has none: "
+            "give data.partition.column (a column of classes to skew), or use kind iid, quantity or natural"
+        )
+
+
+def target_keys(federated: FederatedData, task: Task) -> list[str]:
+    """What the clients' training targets report for the federation's metadata (classification:
+    every label some client trains on), sorted."""
+    return sorted({key for client in federated.clients for key in task.target_keys(client.train.labels)})
 
 
 def load_public_data(config: RunConfig, held_out: TextDataset | None = None) -> TextDataset:
@@ -130,11 +166,12 @@ def split_client(name: str, data: TextDataset, test_fraction: float, seed: int) 
     return ClientData(name, data.subset(train), data.subset(test))
 
 
-def check_validation_labels(federated: FederatedData) -> None:
+def check_validation_labels(federated: FederatedData, task: Task) -> None:
+    """Refuse validation labels (target keys) that no client trains on."""
     if federated.validation is None:
         return
-    known = set(federated.label_values())
-    unseen = sorted({label_key(label) for label in federated.validation.labels} - known)
+    known = set(target_keys(federated, task))
+    unseen = sorted(set(task.target_keys(federated.validation.labels)) - known)
     if unseen:
         raise DatasetError(
             f"federated validation set has labels {unseen} that no client's training data has; "

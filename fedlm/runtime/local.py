@@ -13,13 +13,12 @@ import torch
 
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.config import DistillationConfig, LoraConfig, RunConfig, check_output_dir, cohort_problem
-from fedlm.data import LabelMap
 from fedlm.data.report import partition_summary
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.runtime.assemble import build_algorithm, build_federation, build_model, check_device
-from fedlm.runtime.federated_data import prepare_federated_data, resolve_clients_per_round
+from fedlm.runtime.federated_data import build_task, prepare_federated_data, resolve_clients_per_round, target_keys
 from fedlm.runtime.rounds import Federation
 
 logger = logging.getLogger("fedlm")
@@ -60,21 +59,22 @@ def build_simulation(config: RunConfig) -> Federation:
     check_device(config.training.device)
     if config.training.threads is not None:
         torch.set_num_threads(config.training.threads)
-    federated = prepare_federated_data(config)
+    task = build_task(config)
+    federated = prepare_federated_data(config, task)
     num_clients = len(federated.clients)
     clients_per_round = resolve_clients_per_round(config, num_clients)
     problem = cohort_problem(config, clients_per_round or num_clients, cohort_source(config, num_clients))
     if problem:
         raise ConfigError(problem)
-    label_map = LabelMap.from_values(federated.label_values(), config.data.max_labels)
+    metadata = task.metadata(target_keys(federated, task))
     # clients with the same model (and LoRA rank) share one replica
     kinds = list(zip(client_model_names(config, num_clients), client_lora_ranks(config, num_clients)))
-    models = {kind: build_model(config, kind[0], label_map.num_labels, kind[1]) for kind in dict.fromkeys(kinds)}
+    models = {kind: build_model(config, kind[0], metadata, kind[1]) for kind in dict.fromkeys(kinds)}
     tokenizers = {name: load_tokenizer(name) for name, _ in models}
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     clients = [
         FedClient(client.train, models[kind], tokenizers[kind[0]], name=client.name, test_dataset=client.test,
-                  seed=config.seed, **options)
+                  task=task, seed=config.seed, **options)
         for client, kind in zip(federated.clients, kinds)
     ]  # fmt: skip
     public_context = None
@@ -87,8 +87,8 @@ def build_simulation(config: RunConfig) -> Federation:
         for client in clients:
             client.homomorphic_keys = keys
         public_context = keys.public_context()
-    algorithm = build_algorithm(config, label_map.num_labels, federated.public)
+    algorithm = build_algorithm(config, task, metadata, federated.public)
     return build_federation(
         config, clients, algorithm, public_context=public_context, validation=federated.validation,
-        partition=partition_summary(federated),
+        partition=partition_summary(federated, task.class_labels),
     )  # fmt: skip

@@ -31,7 +31,8 @@ from fedlm.data.report import write_partition_report
 from fedlm.errors import ClientError, ConfigError
 from fedlm.files import finite_json, json_text, replace_folder, write_atomic
 from fedlm.server import FedServer
-from fedlm.tasks.classification import EncodedDataset
+from fedlm.tasks import Task
+from fedlm.tasks.text import EncodedDataset
 
 RUN_MARKER = "fedlm-run.json"
 PARTITION_REPORT = ("partition.json", "partition.png")  # also written by `fedlm partition`
@@ -194,7 +195,7 @@ def run_federation(
         )
     if server.stop_reason is not None:  # e.g. the privacy budget: keep where it stopped
         save_checkpoint(server, checkpoint, records, config_data, fingerprints)
-    summary = run_summary(records)
+    summary = run_summary(records, server.global_model.task.metrics)
     summary["privacy"] = privacy_report(server, config, records)
     if server.stop_reason is not None:
         summary["stopped"] = server.stop_reason
@@ -224,7 +225,8 @@ def write_partition(summary: dict[str, Any], output: Path) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     write_partition_report(summary, temporary)
     for name in PARTITION_REPORT:
-        (temporary / name).replace(output / name)
+        if (temporary / name).exists():  # no heatmap for a task without class labels
+            (temporary / name).replace(output / name)
     shutil.rmtree(temporary, ignore_errors=True)
 
 
@@ -236,8 +238,9 @@ def save_model(server: FedServer, folder: Path) -> None:
     replace_folder(temporary, folder)
 
 
-def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run in numbers: rounds, how many aggregated (not skipped), the last round's metrics,
+def run_summary(records: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
+    """The run in numbers: rounds, how many aggregated (not skipped), the last round's metrics
+    (validation, and the clients' distribution of the task's `metrics`),
     and the bytes sent down and up in total and per client, summed over all records (round 0's
     evaluation included)."""
     clients: dict[str, dict[str, int]] = {}
@@ -247,7 +250,8 @@ def run_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
             total["down"] += moved["down"]
             total["up"] += moved["up"]
     last = records[-1] if records else {}
-    final = {key: value for key, value in last.items() if key.startswith(("val_", "client_accuracy", "client_macro"))}
+    reported = ("val_", *(f"client_{metric}_" for metric in metrics))
+    final = {key: value for key, value in last.items() if key.startswith(reported)}
     non_finite = [key for key in last.get("non_finite", []) if key in final]
     if non_finite:
         final["non_finite"] = non_finite
@@ -342,8 +346,13 @@ def megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
-def round_line(record: dict[str, Any], rounds: int) -> str:
-    """One round's record as a line of the log (a non-finite metric, null in the record, reads "non-finite")."""
+METRIC_ABBREVIATIONS = {"accuracy": "acc", "macro_f1": "f1"}  # how round lines name metrics
+
+
+def round_line(record: dict[str, Any], rounds: int, task: Task) -> str:
+    """One round's record as a line of the log: the task's validation metrics, and the clients'
+    distribution of its headline metric (a non-finite metric, null in the record, reads "non-finite")."""
+    metrics, headline = task.metrics, task.headline
 
     def number(key: str, spec: str) -> str:
         value = record[key]
@@ -352,12 +361,13 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     parts = [f"round {record['round']}/{rounds}"]
     if "train_loss" in record:
         parts.append(f"train loss {number('train_loss', '.4f')}")
-    if "val_accuracy" in record:
-        parts.append(f"val acc {number('val_accuracy', '.3f')}  val f1 {number('val_macro_f1', '.3f')}")
-    if "client_accuracy_mean" in record:
+    shown = [metric for metric in metrics if f"val_{metric}" in record]
+    if shown:
+        parts.append("  ".join(f"val {abbreviated(metric)} {number(f'val_{metric}', '.3f')}" for metric in shown))
+    if f"client_{headline}_mean" in record:
         parts.append(
-            f"client acc mean {number('client_accuracy_mean', '.3f')} worst {number('client_accuracy_worst', '.3f')} "
-            f"p10 {number('client_accuracy_p10', '.3f')}"
+            f"client {abbreviated(headline)} mean {number(f'client_{headline}_mean', '.3f')} "
+            f"worst {number(f'client_{headline}_worst', '.3f')} p10 {number(f'client_{headline}_p10', '.3f')}"
         )
     if "seconds" in record:
         parts.append(f"{number('seconds', '.1f')} s")
@@ -372,3 +382,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     if record.get("skipped"):
         parts.append("skipped: too few valid updates")
     return "  ".join(parts)
+
+
+def abbreviated(metric: str) -> str:
+    return METRIC_ABBREVIATIONS.get(metric, metric)

@@ -7,31 +7,29 @@ import logging
 from typing import Any
 
 from fedlm.core.client_metrics import metric_distribution
-from fedlm.data.dataset import load_text_dataset
 from fedlm.errors import WireError
 from fedlm.gate import checked_evaluation
 from fedlm.protocol import ClientTransport, EvaluateIns
 from fedlm.server.global_model import GlobalModel
-from fedlm.tasks.classification import EncodedDataset, evaluate_model
+from fedlm.tasks.text import EncodedDataset
 
 logger = logging.getLogger("fedlm")
-
-CLIENT_METRICS = ("accuracy", "macro_f1")  # what every client's evaluation reports, summarized per round
 
 
 def encode_dataset(
     model: GlobalModel, dataset: Any, text_column: str | None = None, label_column: str | None = None
 ) -> EncodedDataset:
-    """Tokenize a dataset with the federation's tokenizer and label map (encoded ones pass through)."""
+    """Read a dataset as the federation's task reads rows, and tokenize it with the federation's
+    tokenizer and metadata (encoded ones pass through)."""
     if isinstance(dataset, EncodedDataset):
         return dataset
-    data = load_text_dataset(dataset, text_column, label_column, owner="validation set")
-    return model.encode(data.texts, model.label_map.encode(data.labels, owner=f"validation set {data.source}"))
+    data = model.task.read(dataset, text_column, label_column, owner="validation set")
+    return model.encode(data.texts, model.encode_targets(data.labels, owner=f"validation set {data.source}"))
 
 
 def evaluate_dataset(model: GlobalModel, encoded: EncodedDataset) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of the global model on an encoded dataset."""
-    return evaluate_model(model.model(), encoded, model.options.batch_size, model.pad_id, model.options.device)
+    """The task's loss and metrics of the global model on an encoded dataset."""
+    return model.task.evaluate(model.model(), encoded, model.options.batch_size, model.pad_id, model.options.device)
 
 
 def evaluate_on_clients(
@@ -40,26 +38,27 @@ def evaluate_on_clients(
     test_examples: dict[str, int],
     deadline: float | None,
     round_number: int,
+    metrics: tuple[str, ...],
 ) -> dict[str, Any]:
     """Send each client its evaluation instructions; per-client results (through the validation
-    gate: a malformed reply is logged and left out) and their distribution (mean, weighted mean,
-    worst, 10th percentile, std) of accuracy and macro-F1. Empty when no client answered."""
+    gate: a malformed reply is logged and left out) and the distribution (mean, weighted mean,
+    worst, 10th percentile, std) of each of the task's `metrics`. Empty when no client answered."""
     results = []
     for name, reply in transport.evaluate(messages, deadline).items():
         try:
             if isinstance(reply, str):
                 raise WireError(reply)
-            metrics = checked_evaluation(reply, test_examples[name], CLIENT_METRICS)
+            reported = checked_evaluation(reply, test_examples[name], metrics)
         except WireError as error:
             logger.warning("round %d: client %s failed to evaluate: %s", round_number, transport.describe(name), error)
             continue
         if reply.num_examples > 0:
-            results.append({"client": name, "num_examples": reply.num_examples, **metrics})
+            results.append({"client": name, "num_examples": reply.num_examples, **reported})
     if not results:
         return {}
     summary: dict[str, Any] = {"clients_evaluated": len(results)}
     weights = [result["num_examples"] for result in results]
-    for metric in CLIENT_METRICS:
+    for metric in metrics:
         distribution = metric_distribution([result[metric] for result in results], weights)
         summary.update({f"client_{metric}_{key}": value for key, value in distribution.items()})
     summary["client_test"] = results

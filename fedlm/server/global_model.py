@@ -23,12 +23,12 @@ from fedlm.core.compression import Codec, Compressed
 from fedlm.core.layout import ClientLayout, with_rank
 from fedlm.core.lora import fold_products, lora_aggregation_error, lora_pairs, svd_refactor
 from fedlm.core.update import ClientUpdate
-from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, ModelError
 from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
-from fedlm.tasks.classification import EncodedDataset, encode
+from fedlm.tasks import Task
+from fedlm.tasks.text import EncodedDataset
 
 # how LoRA factors are aggregated (fedlm.core.lora): fedit averages A and B (inexact); ffa needs no
 # step (A is frozen, not federated); stack folds the exact average of the products into the base
@@ -38,8 +38,9 @@ LORA_AGGREGATIONS = ("fedit", "ffa", "stack", "svd")
 
 class GlobalModel:
     """The global parameters of `model` (its federated vector; `model` is the template the
-    global model is materialized from) with its tokenizer, the federation's label map and the
-    `options` it is evaluated with (batch size, maximum length, device).
+    global model is materialized from) with its tokenizer, the federation's `task` and its
+    `metadata` (classification: the label map), and the `options` it is evaluated with (batch
+    size, maximum length, device).
 
     `clients` are the participants whose vectors may differ from the global one: each brings its
     own `model` (a `FedClient`) or, remotely, only its `lora_rank` (a `ClientInfo`; a node builds
@@ -50,7 +51,8 @@ class GlobalModel:
         self,
         model: torch.nn.Module,
         tokenizer: Any,
-        label_map: LabelMap,
+        task: Task,
+        metadata: Any,
         options: TrainingOptions,
         lora_aggregation: str = "fedit",
         clients: tuple[Any, ...] | list[Any] = (),
@@ -60,7 +62,8 @@ class GlobalModel:
             raise ConfigError(f"lora_aggregation must be one of {list(LORA_AGGREGATIONS)}, got {lora_aggregation!r}")
         self.template = model
         self.tokenizer = tokenizer
-        self.label_map = label_map
+        self.task = task
+        self.metadata = metadata
         self.options = options
         self.lora_aggregation = lora_aggregation
         # stack folds the adapters into the adapted layers' base weights, which then travel down
@@ -80,9 +83,14 @@ class GlobalModel:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def encode(self, texts: list[str], labels: list[int]) -> EncodedDataset:
-        """`texts` tokenized with the global model's tokenizer and maximum length."""
-        return encode(self.tokenizer, texts, labels, self.options.max_length)
+    def encode(self, texts: list[str], targets: list[Any]) -> EncodedDataset:
+        """`texts` tokenized with the global model's tokenizer and maximum length, with their
+        encoded `targets` (`encode_targets`)."""
+        return self.task.encode(self.tokenizer, texts, targets, self.options.max_length)
+
+    def encode_targets(self, targets: list[Any], owner: str) -> list[Any]:
+        """Raw targets encoded with the federation's metadata (classification: class ids)."""
+        return self.task.encode_targets(self.metadata, targets, owner)
 
     def upload_numel(self, name: str | None = None) -> int:
         """How many values a client's update holds (`name`'s, or the global vector's)."""
@@ -190,8 +198,7 @@ class GlobalModel:
         reused: later calls change it."""
         if self._materialized is None:
             self._materialized = copy.deepcopy(self.template)
-            self._materialized.config.id2label = dict(self.label_map.id2label)
-            self._materialized.config.label2id = dict(self.label_map.label2id)
+            self.task.annotate_model(self._materialized, self.metadata)
         set_federated_vector(self._materialized, self.params if params is None else params, self.lora_base)
         return self._materialized
 
@@ -200,7 +207,8 @@ class GlobalModel:
         return get_federated_vector(model, self.lora_base)
 
     def save(self, path: str | Path, round_number: int, merge_lora: bool = True) -> Path:
-        """Write the model, tokenizer and label map with `save_pretrained`. An adapter model is
+        """Write the model and tokenizer with `save_pretrained`, and fedlm.json (the round, the task
+        and its metadata, such as the label map). An adapter model is
         written merged into a plain transformers model (`merge_lora=True`, loads with
         `from_pretrained`) or as the PEFT adapter folder with the classification head
         (`merge_lora=False`, loads with `PeftModel.from_pretrained` over the base model)."""
@@ -220,7 +228,12 @@ class GlobalModel:
             else:
                 model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
-        info = {"round": round_number, "label2id": self.label_map.label2id, "num_parameters": self.spec.numel}
+        info = {
+            "round": round_number,
+            "task": self.task.kind,
+            "metadata": self.task.metadata_to_json(self.metadata),
+            "num_parameters": self.spec.numel,
+        }
         (path / "fedlm.json").write_text(json.dumps(info, indent=2))
         return path
 
@@ -228,8 +241,9 @@ class GlobalModel:
 def global_model_of(clients: list[FedClient], lora_aggregation: str, algorithm: Any) -> GlobalModel:
     """The global model of in-process clients: the largest client model (the highest LoRA rank
     when ranks differ) after checking that every client's federated parameters match, or the
-    student of an algorithm that replaces weights (clients may then differ); the label map is the
-    model's own label names when it has real ones, else every client's labels, sorted."""
+    student of an algorithm that replaces weights (clients may then differ), for the clients'
+    task; the task's metadata is the model's own (classification: its real label names) when it
+    has it, else joined from every client's target keys (classification: their labels, sorted)."""
     if algorithm.replaces_weights:
         model = algorithm.student
         tokenizer = algorithm.tokenizer or load_tokenizer(getattr(model, "name_or_path", ""), "the student")
@@ -237,17 +251,30 @@ def global_model_of(clients: list[FedClient], lora_aggregation: str, algorithm: 
         model = max((client.model for client in clients), key=lambda model: federated_spec(model).numel)
         tokenizer = clients[0].tokenizer
         _check_same_models(clients, lora_aggregation)
-    configured = getattr(model.config, "label2id", None) or {}
-    if configured and not all(key.startswith("LABEL_") for key in configured):
-        label_map = LabelMap({str(key): int(value) for key, value in configured.items()})
-    else:
-        label_map = LabelMap.from_values(value for client in clients for value in client.label_values())
+    task = _common_task(clients)
+    metadata = task.metadata_from_model(model)
+    if metadata is None:
+        metadata = task.metadata(key for client in clients for key in client.target_keys())
     for client in clients:
-        client.set_label_map(label_map)
+        client.set_metadata(metadata)
     if algorithm.replaces_weights:
-        label_map.check_fits(model.config.num_labels, owner="the student")
+        task.check_model(model, metadata, owner="the student")
     options = clients[0].options
-    return GlobalModel(model, tokenizer, label_map, options, lora_aggregation, clients, not algorithm.replaces_weights)
+    return GlobalModel(
+        model, tokenizer, task, metadata, options, lora_aggregation, clients, not algorithm.replaces_weights
+    )
+
+
+def _common_task(clients: list[FedClient]) -> Task:
+    """The task every client trains (the first client's), or a ConfigError naming one that differs."""
+    task = clients[0].task
+    for client in clients[1:]:
+        if type(client.task) is not type(task):
+            raise ConfigError(
+                f"client {client.name} trains task {client.task.kind!r}, client {clients[0].name} task {task.kind!r}; "
+                "every client of a federation must train the same task (FedClient(task=...))"
+            )
+    return task
 
 
 def _check_same_models(clients: list[FedClient], lora_aggregation: str) -> None:

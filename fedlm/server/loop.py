@@ -32,7 +32,7 @@ from fedlm.protocol import ClientTransport, FitIns, LoopbackTransport
 from fedlm.server.evaluation import encode_dataset, evaluate_dataset, evaluate_on_clients
 from fedlm.server.global_model import GlobalModel, global_model_of
 from fedlm.server.seed_api import SeedApi
-from fedlm.tasks.classification import EncodedDataset
+from fedlm.tasks.text import EncodedDataset
 
 logger = logging.getLogger("fedlm")
 
@@ -238,11 +238,12 @@ class FedServer(SeedApi):
     # ---- evaluation --------------------------------------------------------------------------
 
     def evaluate(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> dict:
-        """Loss, accuracy and macro-F1 of the global model on a (federated validation) dataset."""
+        """The task's loss and metrics (classification: accuracy, macro-F1) of the global model on a
+        (federated validation) dataset."""
         return evaluate_dataset(self.global_model, self.encode_dataset(dataset, text_column, label_column))
 
     def encode_dataset(self, dataset: Any, text_column: str | None = None, label_column: str | None = None):
-        """Tokenize a dataset with the federation's tokenizer and label map (encoded ones pass through)."""
+        """Read and tokenize a dataset for the federation's task (encoded ones pass through)."""
         return encode_dataset(self.global_model, dataset, text_column, label_column)
 
     def evaluate_global_model(self, validation: EncodedDataset | None, clients_per_evaluation: int | None = None):
@@ -256,7 +257,14 @@ class FedServer(SeedApi):
             names = [client.name for client in sampled if client.has_test_data]
             messages = self.algorithm.evaluate_messages(self.global_model, names, self.round)
             metrics.update(
-                evaluate_on_clients(self.transport, messages, self._test_examples, self._deadline(), self.round)
+                evaluate_on_clients(
+                    self.transport,
+                    messages,
+                    self._test_examples,
+                    self._deadline(),
+                    self.round,
+                    self.global_model.task.metrics,
+                )  # fmt: skip
             )
         return metrics
 

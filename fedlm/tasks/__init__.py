@@ -1,1 +1,53 @@
-"""Tasks: how to tokenize, batch, compute the loss and the metrics."""
+"""Tasks: what a federation trains and measures (`Task`), one file each, registered by kind.
+
+`TASKS` maps each kind to its `Task` class; a run config's `task: {kind: ...}` section selects one
+(its options are the section's fields; `fedlm.register_task` registers both from a plug-in).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedlm.errors import ConfigError
+from fedlm.tasks.base import Task
+from fedlm.tasks.classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def check_task_class(name: str, task_class: type[Task]) -> None:
+    """Raise unless `task_class` may be registered as task `name`."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"task name {name!r} must be a lowercase identifier, such as 'classification'")
+    if name in TASKS:
+        raise ValueError(f"task {name!r} is already registered ({TASKS[name].__name__}); choose another name")
+    if not (isinstance(task_class, type) and issubclass(task_class, Task)):
+        raise TypeError(f"task {name!r} must be a subclass of fedlm.tasks.Task, got {task_class!r}")
+    if getattr(task_class, "kind", None) != name:
+        raise ValueError(f"{task_class.__name__} must declare `kind = {name!r}` to be registered as task {name!r}")
+    missing = [field for field in ("metrics", "headline") if not hasattr(task_class, field)]
+    if missing:
+        raise ValueError(f"{task_class.__name__} must declare {missing} (the metrics its evaluate reports)")
+    if task_class.headline not in task_class.metrics:
+        raise ValueError(
+            f"{task_class.__name__}.headline {task_class.headline!r} must be one of its metrics {list(task_class.metrics)}"
+        )
+
+
+def register_task(name: str, task_class: type[Task]) -> None:
+    """Make `task_class` the task of kind `name`. Plug-ins call `fedlm.register_task`, which
+    registers its config section along with it."""
+    check_task_class(name, task_class)
+    TASKS[name] = task_class
+
+
+def task_for(kind: str, **options: Any) -> Task:
+    """The task registered as `kind`, built with `options`."""
+    if kind not in TASKS:
+        raise ConfigError(f"unknown task {kind!r}; registered tasks are {list(TASKS)} (fedlm.register_task adds one)")
+    return TASKS[kind](**options)
+
+
+register_task("classification", ClassificationTask)
+
+__all__ = ["TASKS", "ClassificationTask", "Task", "check_task_class", "register_task", "task_for"]

@@ -1,57 +1,104 @@
-"""Text classification: tokenizing, batching with dynamic padding, loss and metrics."""
+"""Text classification: one class per text, the federation's label map, a sequence-classification
+head (cross-entropy), accuracy and macro-F1."""
 
 from __future__ import annotations
 
+import numbers
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from fedlm.data.dataset import LABEL_ALIASES, TextDataset, load_text_dataset, value_key
+from fedlm.errors import DatasetError
+from fedlm.models.loading import load_pretrained
+from fedlm.tasks.base import Task
+from fedlm.tasks.text import EncodedDataset, batches
 
-@dataclass
-class EncodedDataset:
-    """Token ids per example (unpadded) and class ids."""
+MAX_LABELS = 10_000
+"""The most classes a label map may hold by default: a label column that holds ids like 50000, or free
+text, would otherwise silently make a head of tens of thousands of classes."""
 
-    input_ids: list[list[int]]
-    labels: list[int]
+INTEGER_LABEL = re.compile(r"0|-?[1-9][0-9]*")
+"""An integer label as label_key writes it: ASCII digits, no leading zeros (so "7" and "07" never share id 7)."""
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-CHARS_PER_TOKEN = 64
-"""Texts are cut to `max_length * CHARS_PER_TOKEN` characters before tokenizing (see `encode`)."""
-
-
-def encode(tokenizer, texts: list[str], labels: list[int], max_length: int) -> EncodedDataset:
-    """Token ids of `texts`, truncated to `max_length` tokens (special tokens included).
-
-    Each text is first cut to `max_length * CHARS_PER_TOKEN` characters: a tokenizer builds every token
-    of its input before it truncates, so one 50 MB row would take gigabytes. The cut leaves the first
-    `max_length` tokens as they were: WordPiece, BPE and SentencePiece tokens each cover part of one word
-    (English text averages about 4 characters a token, and vocabularies' longest tokens about 20), and a
-    cut changes only the tokens of the word it splits. Those tokens come after the first `max_length`
-    unless these average over 64 characters each, which takes runs of hundreds of spaces or control
-    characters, or a word per token longer than WordPiece's 100-character limit (each one an [UNK]).
-    """
-    cap = max_length * CHARS_PER_TOKEN
-    encoded = tokenizer([text[:cap] for text in texts], truncation=True, max_length=max_length)
-    return EncodedDataset(list(encoded["input_ids"]), list(labels))
+label_key = value_key
+"""Labels are compared as strings, so 3, "3" and 3.0 from CSV, JSON and Parquet agree."""
 
 
-def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int] | None = None):
-    """Yield dicts of padded tensors (input_ids, attention_mask, labels), padded to the batch's longest."""
-    order = list(range(len(data))) if order is None else order
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        width = max(len(data.input_ids[i]) for i in chosen)
-        input_ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for row, index in enumerate(chosen):
-            ids = data.input_ids[index]
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
-        labels = torch.tensor([data.labels[i] for i in chosen], dtype=torch.long)
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+@dataclass(frozen=True)
+class LabelMap:
+    """The federation's label map, owned by the server: each label's string key to a class id
+    0..num_labels-1."""
+
+    label2id: dict[str, int]
+
+    @classmethod
+    def from_values(cls, values: Iterable[Any], max_labels: int = MAX_LABELS) -> LabelMap:
+        """Integer labels keep their value as the id; other labels get ids in sorted order.
+
+        Integer labels are class ids, so each must lie in 0..max_labels-1: label 50000 would make a
+        50,001-class head, and a negative id names no class. At most `max_labels` distinct labels.
+        """
+        keys = sorted({label_key(value) for value in values})
+        if len(keys) > max_labels:
+            raise DatasetError(
+                f"the labels hold {len(keys)} distinct values (such as {keys[:3]}), more than max_labels={max_labels}; "
+                f"check that the label column holds class labels, or raise max_labels"
+            )
+        if keys and all(INTEGER_LABEL.fullmatch(key) for key in keys):
+            label2id = {key: int(key) for key in keys}
+            lowest, highest = min(label2id.values()), max(label2id.values())
+            if lowest < 0:
+                raise DatasetError(
+                    f"label {lowest} is negative, and integer labels are used as class ids 0..N-1: number the "
+                    f"classes 0..N-1, use string labels, or drop the rows whose label {lowest} marks no class"
+                )
+            if highest >= max_labels:
+                raise DatasetError(
+                    f"label {highest} is not below max_labels={max_labels}: integer labels are used as class ids, so "
+                    f"it would make a {highest + 1}-class head. Number the classes 0..N-1, use string labels (such "
+                    f"as 'class_{highest}'), or raise max_labels"
+                )
+            return cls(label2id)
+        return cls({key: index for index, key in enumerate(keys)})
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {index: key for key, index in self.label2id.items()}
+
+    @property
+    def num_labels(self) -> int:
+        return max(self.label2id.values(), default=-1) + 1
+
+    def encode(self, labels: list[Any], owner: str) -> list[int]:
+        ids = []
+        for value in labels:
+            key = label_key(value)
+            if key not in self.label2id:
+                raise DatasetError(
+                    f"{owner}: label {key!r} is not in the federation's label map; valid labels are {sorted(self.label2id)}"
+                )
+            ids.append(self.label2id[key])
+        return ids
+
+    def check_fits(self, num_labels: int, owner: str) -> None:
+        """Raise unless every class id is below the model's `num_labels`."""
+        bad = sorted(key for key, index in self.label2id.items() if not 0 <= index < num_labels)
+        if bad:
+            raise DatasetError(
+                f"{owner}: labels {bad} fall outside the model's {num_labels} classes (ids 0..{num_labels - 1}); "
+                f"load the model with num_labels={max(self.num_labels, len(self.label2id))} or fix the labels"
+            )
+
+
+def load_classifier(name_or_path: str, num_labels: int, seed: int) -> torch.nn.Module:
+    """A sequence classifier from a bundled name or folder; a new head is initialised from `seed`."""
+    from transformers import AutoModelForSequenceClassification
+
+    return load_pretrained(AutoModelForSequenceClassification, name_or_path, seed, num_labels=num_labels)
 
 
 def classification_metrics(predictions: list[int], labels: list[int]) -> dict[str, float]:
@@ -84,3 +131,66 @@ def evaluate_model(
         predictions.extend(output.logits.argmax(dim=-1).tolist())
     model.train(was_training)
     return {"loss": total_loss / len(data), **classification_metrics(predictions, data.labels)}
+
+
+class ClassificationTask(Task):
+    """Sequence classification: a label column (detected by name: label, category, topic, ...)
+    whose values are classes; the metadata is the federation's `LabelMap` of at most
+    `max_labels` classes (a run's `data.max_labels`)."""
+
+    kind: ClassVar[str] = "classification"
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+    headline: ClassVar[str] = "accuracy"
+    class_labels: ClassVar[bool] = True
+
+    def __init__(self, max_labels: int = MAX_LABELS) -> None:
+        self.max_labels = max_labels
+
+    def read(
+        self, dataset: Any, text_column: str | None = None, target_column: str | None = None, owner: str = "dataset"
+    ) -> TextDataset:
+        data = load_text_dataset(dataset, text_column, target_column, owner, LABEL_ALIASES)
+        for row, label in enumerate(data.labels):
+            if not isinstance(label, (str, numbers.Number)):
+                raise DatasetError(
+                    f"{owner}: {data.source} row {row}: the label must be one string or number (each example has one "
+                    f"class), got a {type(label).__name__}: {label!r:.60}"
+                )
+        return data
+
+    def target_keys(self, targets: list[Any]) -> list[str]:
+        return sorted({label_key(value) for value in targets})
+
+    def metadata(self, target_keys: Iterable[str]) -> LabelMap:
+        return LabelMap.from_values(target_keys, self.max_labels)
+
+    def metadata_from_model(self, model: torch.nn.Module) -> LabelMap | None:
+        """The model's own label names, when it has real ones (not transformers' LABEL_0, ...)."""
+        configured = getattr(model.config, "label2id", None) or {}
+        if configured and not all(key.startswith("LABEL_") for key in configured):
+            return LabelMap({str(key): int(value) for key, value in configured.items()})
+        return None
+
+    def metadata_to_json(self, metadata: LabelMap) -> dict[str, int]:
+        return dict(metadata.label2id)
+
+    def metadata_from_json(self, value: Any) -> LabelMap:
+        return LabelMap({str(key): int(index) for key, index in value.items()})
+
+    def encode_targets(self, metadata: LabelMap, targets: list[Any], owner: str) -> list[int]:
+        return metadata.encode(targets, owner)
+
+    def load_model(self, name_or_path: str, metadata: LabelMap, seed: int) -> torch.nn.Module:
+        return load_classifier(name_or_path, metadata.num_labels, seed)
+
+    def check_model(self, model: torch.nn.Module, metadata: LabelMap, owner: str) -> None:
+        metadata.check_fits(model.config.num_labels, owner)
+
+    def annotate_model(self, model: torch.nn.Module, metadata: LabelMap) -> None:
+        model.config.id2label = dict(metadata.id2label)
+        model.config.label2id = dict(metadata.label2id)
+
+    def evaluate(
+        self, model: torch.nn.Module, data: EncodedDataset, batch_size: int, pad_id: int, device: str = "cpu"
+    ) -> dict[str, float]:
+        return evaluate_model(model, data, batch_size, pad_id, device)

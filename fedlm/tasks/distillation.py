@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedlm.core.distillation import distillation_loss
-from fedlm.tasks.classification import EncodedDataset, batches
+from fedlm.tasks.text import EncodedDataset, batches
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation, run_federation
 from fedlm.runtime.rounds import round_line
 from fedlm.server import FedServer
+from fedlm.tasks import ClassificationTask
 
 
 @pytest.fixture
@@ -193,7 +194,8 @@ def test_json_outputs_write_null_and_a_flag_never_bare_nan(small_config, tmp_pat
     monkeypatch.setattr(FedClient, "_train", nan_loss)
     lines = []
     run_federation(
-        build_simulation(parse_config(small_config())), on_round_end=lambda r: lines.append(round_line(r, 1))
+        build_simulation(parse_config(small_config())),
+        on_round_end=lambda r: lines.append(round_line(r, 1, ClassificationTask())),
     )
     run = tmp_path / "run"
     record = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()][1]

@@ -87,7 +87,7 @@ def test_merged_and_adapter_exports_reload_and_predict_the_same(config_data_fact
     merged = AutoModelForSequenceClassification.from_pretrained(server.save(tmp_path / "merged")).eval()
     adapter_folder = server.save(tmp_path / "adapter", merge_lora=False)
     base = AutoModelForSequenceClassification.from_pretrained(
-        tiny_model_dir, num_labels=server.global_model.label_map.num_labels
+        tiny_model_dir, num_labels=server.global_model.metadata.num_labels
     )
     unmerged = peft.PeftModel.from_pretrained(base, adapter_folder).eval()
     batch = server.global_model.tokenizer(
@@ -113,8 +113,8 @@ def test_svd_aggregation_leaves_less_error_than_averaging_factors(config_data_fa
 
 def test_an_adapter_on_the_wrong_base_model_is_a_clear_error(config_data_factory, tmp_path):
     from conftest import build_tiny_model_folder
-    from fedlm.models import load_classifier
     from fedlm.models.adapters import load_adapter
+    from fedlm.tasks.classification import load_classifier
 
     simulation = build_simulation(
         parse_config(config_data_factory(num_clients=2, rounds=1, peft={"method": "lora", "r": 4}))

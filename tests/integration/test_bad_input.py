@@ -5,8 +5,8 @@ import torch
 
 from conftest import build_tiny_model_folder, make_records
 from fedlm import ConfigError, DatasetError, FedClient, FedlmError, FedServer, ModelError
-from fedlm.models import load_classifier
 from fedlm.protocol import FitRes
+from fedlm.tasks.classification import load_classifier
 
 
 def test_missing_dataset_file_names_the_client(tmp_path, load_tiny):

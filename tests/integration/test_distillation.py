@@ -12,11 +12,10 @@ from fedlm.config import parse_config
 from fedlm.core.distillation import soften
 from fedlm.data.partition import DirichletPartitioner
 from fedlm.errors import ConfigError, DatasetError, FedlmError
-from fedlm.models import load_classifier
 from fedlm.models.federated import set_federated_vector
 from fedlm.protocol import FitRes
 from fedlm.runtime import build_simulation, run_federation
-from fedlm.tasks.classification import evaluate_model
+from fedlm.tasks.classification import evaluate_model, load_classifier
 from fedlm.tasks.distillation import predict_logits
 
 RECORDS = make_records(900, seed=0)

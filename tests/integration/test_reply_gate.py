@@ -21,12 +21,12 @@ from safetensors.torch import save as save_safetensors
 from conftest import make_records
 from fedlm import FedClient, FedServer
 from fedlm.client import TrainingOptions
-from fedlm.data.labels import LabelMap
-from fedlm.models import load_classifier, load_tokenizer
+from fedlm.models import load_tokenizer
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns
 from fedlm.runtime.flower.records import ARRAYS, HEADER, from_record, to_record
 from fedlm.runtime.flower.transport import FlowerTransport
 from fedlm.server import GlobalModel
+from fedlm.tasks.classification import ClassificationTask, LabelMap, load_classifier
 
 HONEST = ("honest-0", "honest-1")
 OPTIONS = {"learning_rate": 3e-3, "max_length": 32, "batch_size": 8}
@@ -314,7 +314,7 @@ def flower_federation(tiny_model_dir, offenders: dict[str, RecordDict]) -> FedSe
             if name in offenders:
                 return Message(offenders[name], reply_to=message)
             client = honest[name]
-            client.set_label_map(label_map)
+            client.set_metadata(label_map)
             if message.metadata.message_type == "train":
                 return Message(to_record(client.fit(from_record(message.content, FitIns))), reply_to=message)
             return Message(to_record(client.evaluate(from_record(message.content, EvaluateIns))), reply_to=message)
@@ -324,7 +324,9 @@ def flower_federation(tiny_model_dir, offenders: dict[str, RecordDict]) -> FedSe
     grid = InProcessGrid({node_ids[name]: node(name) for name in names})
     transport = FlowerTransport(grid, node_ids, label_map.label2id)
     infos = [ClientInfo(name, DECLARED, 0, ["business", "sport", "tech"]) for name in names]
-    global_model = GlobalModel(model, load_tokenizer(str(tiny_model_dir)), label_map, TrainingOptions(**OPTIONS))
+    global_model = GlobalModel(
+        model, load_tokenizer(str(tiny_model_dir)), ClassificationTask(), label_map, TrainingOptions(**OPTIONS)
+    )
     return FedServer(infos, transport=transport, global_model=global_model)
 
 
@@ -348,10 +350,10 @@ def test_a_node_that_reports_too_many_labels_is_refused_at_decoding():
 
 
 def test_a_node_whose_labels_cannot_join_the_label_map_is_excluded_by_name():
-    from fedlm.runtime.flower.server_app import _with_usable_labels
+    from fedlm.runtime.flower.server_app import _with_usable_targets
 
     infos = [(1, ClientInfo("a", 10, 0, ["0", "1"])), (2, ClientInfo("b", 10, 0, ["1", "50000"]))]
-    usable, failures = _with_usable_labels(infos, 10_000)
+    usable, failures = _with_usable_targets(infos, ClassificationTask(max_labels=10_000))
     assert [info.name for _, info in usable] == ["a"]
     assert len(failures) == 1 and failures[0].startswith("node 2 (client b):") and "50000" in failures[0]
 

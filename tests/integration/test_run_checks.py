@@ -9,6 +9,7 @@ from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation
 from fedlm.runtime.assemble import build_model, check_max_length
+from fedlm.tasks.classification import LabelMap
 
 
 def test_an_output_dir_under_a_file_names_output_dir(config_data_factory, tmp_path):
@@ -42,7 +43,9 @@ def test_max_length_beyond_the_models_positions_names_the_limit(config_data_fact
 def test_max_length_is_checked_wherever_a_model_is_built(config_data_factory, tiny_model_dir, load_tiny):
     config = parse_config(config_data_factory(training={"max_length": 100}))
     with pytest.raises(ConfigError, match="training.max_length 100 exceeds the 64 positions"):
-        build_model(config, str(tiny_model_dir), num_labels=3)  # what a Flower node and the ServerApp call
+        build_model(
+            config, str(tiny_model_dir), LabelMap.from_values("abc")
+        )  # what a Flower node and the ServerApp call
     prompt = parse_config(
         config_data_factory(training={"max_length": 50}, peft={"method": "prompt_tuning", "num_virtual_tokens": 20})
     )

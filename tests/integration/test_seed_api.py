@@ -79,7 +79,7 @@ def test_string_labels_are_mapped_consistently_across_clients(load_tiny):
     no_tech = [r for r in make_records(60, seed=2) if r["label"] != "tech"]
     clients = [FedClient(only_tech, load_tiny(), name="a"), FedClient(no_tech, load_tiny(), name="b")]
     server = FedServer(clients)
-    assert server.global_model.label_map.label2id == {"business": 0, "sport": 1, "tech": 2}
+    assert server.global_model.metadata.label2id == {"business": 0, "sport": 1, "tech": 2}
     assert set(clients[0].encoded().labels) == {2}
     assert set(clients[1].encoded().labels) == {0, 1}
 
@@ -140,7 +140,7 @@ def test_label_names_already_in_the_model_config_are_kept(load_tiny):
     model.config.id2label = {0: "tech", 1: "sport", 2: "business"}
     client = FedClient(make_records(30, seed=1), model, name="a")
     server = FedServer([client])
-    assert server.global_model.label_map.label2id == {"tech": 0, "sport": 1, "business": 2}
+    assert server.global_model.metadata.label2id == {"tech": 0, "sport": 1, "business": 2}
     assert client.encoded().labels == [{"tech": 0, "sport": 1, "business": 2}[r] for r in client.data.labels]
 
 

@@ -143,7 +143,7 @@ def test_a_50_mb_row_is_encoded_in_bounded_memory_as_its_prefix(tmp_path, tiny_m
     import sys
 
     from fedlm.models.loading import load_tokenizer
-    from fedlm.tasks.classification import encode
+    from fedlm.tasks.text import encode
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     text = ("market shares company bank profit " * 1_500_000)[:50_000_000]

@@ -12,7 +12,7 @@ import torch
 from fedlm.errors import ConfigError
 from fedlm.privacy.accounting import compute_epsilon
 from fedlm.privacy.dp_sgd import PrivateTraining, SampleLevelDP
-from fedlm.tasks.classification import EncodedDataset, batches
+from fedlm.tasks.text import EncodedDataset, batches
 
 
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:

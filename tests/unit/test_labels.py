@@ -1,7 +1,7 @@
 import pytest
 
-from fedlm.data.labels import LabelMap
 from fedlm.errors import DatasetError
+from fedlm.tasks.classification import LabelMap
 
 
 def test_string_labels_get_ids_in_sorted_order():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from fedlm.data.dataset import FILE_SUFFIXES, TextDataset, concatenate, load_text_dataset
+from fedlm.data.dataset import FILE_SUFFIXES, TextDataset, concatenate
 from fedlm.data.partition.base import Partition
 from fedlm.errors import DatasetError
 
@@ -29,10 +30,14 @@ def client_sources(sources: list[str] | None, folder: str | None) -> list[Path]:
 
 
 def load_predefined(
-    sources: list[Path], text_column: str | None, label_column: str | None
+    sources: list[Path],
+    text_column: str | None,
+    label_column: str | None,
+    read: Callable[..., TextDataset],
 ) -> tuple[TextDataset, Partition, list[str]]:
-    """All clients' data in one dataset, the index list of each client, and client names (file stems)."""
-    parts = [load_text_dataset(path, text_column, label_column, owner=f"client {path.stem}") for path in sources]
+    """All clients' data in one dataset, the index list of each client, and client names (file stems);
+    `read` reads each file (a task's `read`: which columns, what a target may be)."""
+    parts = [read(path, text_column, label_column, owner=f"client {path.stem}") for path in sources]
     names = [path.stem for path in sources]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -19,7 +19,7 @@ Everything else (training options, seed) comes from the run config the server wa
 Flower 1.42 runs every message in a fresh ClientApp process, so each message loads the client's
 data and base model anew (BENCHMARKS.md has the cost); the client's own state between rounds
 (SCAFFOLD's control variate, error feedback's residual) stays on the node, in Flower's per-run node state. A client that
-cannot do what is asked (a missing or malformed file, labels the federation does not know)
+cannot do what is asked (a missing or malformed file, targets the federation's task metadata does not know)
 replies with an error record that names it and its file, and the server leaves it out.
 """
 
@@ -38,16 +38,14 @@ from fedlm.channels import SecureAggregation, channel_for_stage
 from fedlm.channels.homomorphic import HomomorphicAggregation
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.config import DistillationConfig, LoraConfig, RunConfig
-from fedlm.data.dataset import load_text_dataset
 from fedlm.data.federated import ClientData
-from fedlm.data.labels import LabelMap, label_key
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.privacy.secure_aggregation import SecAggClient
-from fedlm.protocol import ClientInfo, EvaluateIns, FitIns, StageIns, WireMessage
+from fedlm.protocol import TASK_METADATA_KEY, ClientInfo, EvaluateIns, FitIns, StageIns, WireMessage
 from fedlm.runtime.assemble import build_model
-from fedlm.runtime.federated_data import load_public_data, split_client
+from fedlm.runtime.federated_data import build_task, load_public_data, split_client
 from fedlm.runtime.flower.flower_app import config_from_run_config
 from fedlm.runtime.flower.records import error_record, from_record, to_record
 
@@ -63,7 +61,7 @@ app = ClientApp()
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """Who this client is: name, example counts, label keys."""
+    """Who this client is: name, example counts, what its task reports about its targets (label keys)."""
     return _answer(message, context, lambda node, _: node.info())
 
 
@@ -86,7 +84,7 @@ def stage(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, FitIns)
-        client = _restored_client(node, ins.config["labels"], context)
+        client = _restored_client(node, ins.config.get(TASK_METADATA_KEY), context)
         client.channel_state = node.channel_party(context).channel_state
         result = client.fit(ins)
         kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
@@ -118,14 +116,14 @@ def _keep_channel_state(party: Any, context: Context) -> None:
 def evaluate(message: Message, context: Context) -> Message:
     def work(node: Node, content: RecordDict) -> WireMessage:
         ins = from_record(content, EvaluateIns)
-        return _restored_client(node, ins.config["labels"], context).evaluate(ins)
+        return _restored_client(node, ins.config.get(TASK_METADATA_KEY), context).evaluate(ins)
 
     return _answer(message, context, work)
 
 
-def _restored_client(node: Node, labels: dict[str, int], context: Context) -> FedClient:
+def _restored_client(node: Node, task_metadata: Any, context: Context) -> FedClient:
     """The node's client with the state it kept between messages (`FedClient.STATE`)."""
-    client = node.client(labels)
+    client = node.client(task_metadata)
     state = context.state.array_records.get(STATE, {})
     for key in FedClient.STATE:
         setattr(client, key, torch.from_numpy(state[key].numpy()) if key in state else None)
@@ -144,7 +142,8 @@ def _answer(message: Message, context: Context, work: Callable[[Node, RecordDict
 
 
 class Node:
-    """One SuperNode's client: its data, and a FedClient once the server has sent the label map."""
+    """One SuperNode's client: its data (read by the run's task), and a FedClient once the server
+    has sent the task's metadata (classification: the label map)."""
 
     def __init__(self, config: RunConfig, node_config: dict[str, Any]) -> None:
         unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
@@ -154,6 +153,7 @@ class Node:
             raise ConfigError("node config has no 'dataset': start the SuperNode with --node-config \"dataset='PATH'\"")
         self.config = config
         self.node_config = node_config
+        self.task = build_task(config)
         self.lora_rank = None if "lora-rank" not in node_config else int(node_config["lora-rank"])
         if self.lora_rank is not None and not (
             isinstance(config.peft, LoraConfig) and 1 <= self.lora_rank <= config.peft.r
@@ -166,9 +166,9 @@ class Node:
         text_column = node_config.get("text-column", config.data.text_column)
         label_column = node_config.get("label-column", config.data.label_column)
         owner = f"client {name}"
-        data = load_text_dataset(path, text_column, label_column, owner=owner)
+        data = self.task.read(path, text_column, label_column, owner=owner)
         if "test-dataset" in node_config:
-            test = load_text_dataset(node_config["test-dataset"], text_column, label_column, owner=f"{owner} test set")
+            test = self.task.read(node_config["test-dataset"], text_column, label_column, owner=f"{owner} test set")
             self.data = ClientData(name, data, test)
         else:
             self.data = split_client(name, data, config.data.client_test_fraction, config.seed)
@@ -193,18 +193,18 @@ class Node:
         return ChannelParty(self.data.name, state)
 
     def info(self) -> ClientInfo:
-        labels = sorted({label_key(label) for label in self.data.train.labels})
+        target_keys = self.task.target_keys(self.data.train.labels)
         fingerprint = FedClient.fingerprint_rows(self.data.train, self.data.test)
         return ClientInfo(
-            self.data.name, len(self.data.train), len(self.data.test), labels, self.lora_rank, fingerprint
+            self.data.name, len(self.data.train), len(self.data.test), target_keys, self.lora_rank, fingerprint
         )
 
-    def client(self, label2id: dict[str, int]) -> FedClient:
-        """A FedClient over this node's data for the federation's label map."""
-        label_map = LabelMap({str(key): int(value) for key, value in label2id.items()})
+    def client(self, task_metadata: Any) -> FedClient:
+        """A FedClient over this node's data for the federation's task metadata (as JSON)."""
+        metadata = self.task.metadata_from_json(task_metadata)
         config = self.config
         model_name = str(self.node_config.get("model", config.model.name))
-        model = build_model(config, model_name, label_map.num_labels, self.lora_rank)
+        model = build_model(config, model_name, metadata, self.lora_rank)
         options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
         options["device"] = str(self.node_config.get("device", options["device"]))
         client = FedClient(
@@ -213,10 +213,11 @@ class Node:
             load_tokenizer(model_name),
             name=self.data.name,
             test_dataset=self.data.test,
+            task=self.task,
             seed=config.seed,
             **options,
         )
-        client.set_label_map(label_map)
+        client.set_metadata(metadata)
         if isinstance(config.algorithm, DistillationConfig):
             client.join_distillation(load_public_data(config).texts)
         return client

@@ -2,8 +2,9 @@
 
 The SuperLink starts this app for a run submitted by `fedlm run CONFIG --backend flower`. It
 waits for the config's number of SuperNodes, asks each who it is (client name, example counts,
-labels; a node that cannot load its data is logged by node id and left out), builds the global
-model and the label map, and then runs exactly the rounds a simulation runs (`run_federation`:
+what its task reports about its targets, such as its labels; a node that cannot load its data is
+logged by node id and left out), builds the global model and the task's metadata (classification:
+the label map), and then runs exactly the rounds a simulation runs (`run_federation`:
 sampling, deadlines, dropping failed clients, strategies, evaluation, checkpoints, `--resume`),
 with a `FlowerTransport` carrying the messages. Clients are ordered by name, so a deployment
 whose nodes hold the files of a simulation's predefined partition produces the same model.
@@ -24,18 +25,18 @@ from flwr.serverapp import Grid, ServerApp
 from fedlm.algorithms import FederatedDistillation
 from fedlm.client import TrainingOptions
 from fedlm.config import PredefinedPartitionConfig, RunConfig, cohort_problem
-from fedlm.data.labels import LabelMap
 from fedlm.errors import ConfigError, DatasetError, FedlmError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import read_public_context
 from fedlm.protocol import ClientInfo
 from fedlm.runtime.assemble import build_algorithm, build_federation, build_model, check_device, lora_aggregation
-from fedlm.runtime.federated_data import resolve_clients_per_round
+from fedlm.runtime.federated_data import build_task, resolve_clients_per_round
 from fedlm.runtime.flower.flower_app import RESUME_KEY, config_from_run_config
 from fedlm.runtime.flower.launch import ALLOW_DATA_CHANGE_KEY, OVERWRITE_KEY
 from fedlm.runtime.flower.transport import FlowerTransport, query_clients
 from fedlm.runtime.rounds import Federation, check_run_folder, megabytes, round_line, run_federation
 from fedlm.server import GlobalModel
+from fedlm.tasks import Task
 
 logger = logging.getLogger("fedlm")
 
@@ -59,7 +60,9 @@ def main(grid: Grid, context: Context) -> None:
         federation = build_deployment(grid, config)
         rounds = config.federation.rounds
         history = run_federation(
-            federation, on_round_end=lambda record: logger.info(round_line(record, rounds)), **flags
+            federation,
+            on_round_end=lambda record: logger.info(round_line(record, rounds, federation.server.global_model.task)),
+            **flags,
         )
         summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
         per_client = ", ".join(
@@ -114,15 +117,15 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def _with_usable_labels(
-    infos: list[tuple[int, ClientInfo]], max_labels: int
+def _with_usable_targets(
+    infos: list[tuple[int, ClientInfo]], task: Task
 ) -> tuple[list[tuple[int, ClientInfo]], list[str]]:
-    """The nodes whose labels can join a label map (integer labels within the class bound), and
-    a line naming each other node and why."""
+    """The nodes whose target keys can join the task's metadata (classification: integer labels
+    within the class bound), and a line naming each other node and why."""
     usable, failures = [], []
     for node_id, info in infos:
         try:
-            LabelMap.from_values(info.labels, max_labels)
+            task.metadata(info.target_keys)
             usable.append((node_id, info))
         except DatasetError as error:
             failures.append(f"node {node_id} (client {info.name}): {error}")
@@ -141,7 +144,8 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         )
     node_ids = wait_for_nodes(grid, expected_clients(config), config.deployment.node_wait_timeout)
     infos, failures = query_clients(grid, node_ids, time.monotonic() + config.deployment.node_wait_timeout)
-    infos, label_failures = _with_usable_labels(infos, config.data.max_labels)
+    task = build_task(config)
+    infos, label_failures = _with_usable_targets(infos, task)
     for failure in failures + label_failures:
         logger.warning("SuperNode excluded: %s", failure)
     names = [info.name for _, info in infos]
@@ -160,17 +164,15 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     clients = [info for _, info in infos]
     described = (f"{info.name} (node {node_id}, {info.num_examples} examples)" for node_id, info in infos)
     logger.info("clients: %s", ", ".join(described))
-    label_map = LabelMap.from_values((label for info in clients for label in info.labels), config.data.max_labels)
-    algorithm = build_algorithm(config, label_map.num_labels)
+    metadata = task.metadata(key for info in clients for key in info.target_keys)
+    algorithm = build_algorithm(config, task, metadata)
     if isinstance(algorithm, FederatedDistillation):  # the student is the global model
         model, tokenizer = algorithm.student, algorithm.tokenizer
-        label_map.check_fits(model.config.num_labels, owner="the student")
+        task.check_model(model, metadata, owner="the student")
     else:
-        model, tokenizer = (
-            build_model(config, config.model.name, label_map.num_labels),
-            load_tokenizer(config.model.name),
-        )
-    transport = FlowerTransport(grid, {info.name: node_id for node_id, info in infos}, label_map.label2id)
+        model, tokenizer = build_model(config, config.model.name, metadata), load_tokenizer(config.model.name)
+    node_ids = {info.name: node_id for node_id, info in infos}
+    transport = FlowerTransport(grid, node_ids, task.metadata_to_json(metadata))
     problem = cohort_problem(
         config,
         resolve_clients_per_round(config, len(clients)) or len(clients),
@@ -180,7 +182,7 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
         raise ConfigError(problem)
     options = config.training.model_dump(include=set(TrainingOptions.__dataclass_fields__))
     global_model = GlobalModel(
-        model, tokenizer, label_map, TrainingOptions(**options, seed=config.seed), lora_aggregation(config),
+        model, tokenizer, task, metadata, TrainingOptions(**options, seed=config.seed), lora_aggregation(config),
         clients, layouts=not isinstance(algorithm, FederatedDistillation),
     )  # fmt: skip
     public_context = None

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from fedlm.errors import WireError
 from fedlm.protocol import (
+    TASK_METADATA_KEY,
     ByteCounter,
     ClientInfo,
     EvaluateIns,
@@ -37,15 +38,16 @@ STAGE_MESSAGE = "query.stage"  # the ClientApp's handler for multi-message proto
 
 
 class FlowerTransport:
-    """Reaches each client by name at its SuperNode's node id; `labels` (the federation's label
-    map, key to class id) go with every instruction so that nodes encode labels as the server does."""
+    """Reaches each client by name at its SuperNode's node id; `task_metadata` (the federation's
+    task metadata as JSON, `Task.metadata_to_json`: classification's label map, key to class id)
+    goes with every instruction so that nodes encode targets as the server does."""
 
     def __init__(
-        self, grid: Grid, node_ids: dict[str, int], labels: dict[str, int], max_reply_bytes: int | None = None
+        self, grid: Grid, node_ids: dict[str, int], task_metadata: Any, max_reply_bytes: int | None = None
     ) -> None:
         self.grid = grid
         self.node_ids = node_ids
-        self.labels = labels
+        self.task_metadata = task_metadata
         self.max_reply_bytes = max_reply_bytes
         self.bytes = ByteCounter()
         self.parallel = True
@@ -72,7 +74,7 @@ class FlowerTransport:
         records: dict[int, RecordDict] = {}  # one record per distinct message
         for ins in messages.values():
             if id(ins) not in records:
-                records[id(ins)] = to_record(self._labelled(ins))
+                records[id(ins)] = to_record(self._with_metadata(ins))
         by_name = {name: records[id(ins)] for name, ins in messages.items()}
         group = str(next(iter(messages.values())).config.get("round", "")) if messages else ""
         replies, pending = exchange(self.grid, message_type, by_name, self.node_ids, deadline, group)
@@ -99,10 +101,10 @@ class FlowerTransport:
         except Exception as error:  # a gap in the gate must still not end the run
             return f"undecodable reply: {type(error).__name__}: {error}"
 
-    def _labelled(self, ins: WireMessage) -> WireMessage:
-        """Instructions carry the federation's label map, so that nodes encode labels as the server does."""
+    def _with_metadata(self, ins: WireMessage) -> WireMessage:
+        """Instructions carry the federation's task metadata, so that nodes encode targets as the server does."""
         if isinstance(ins, FitIns | EvaluateIns):
-            return type(ins)(ins.parameters, {**ins.config, "labels": self.labels}, ins.tensors)
+            return type(ins)(ins.parameters, {**ins.config, TASK_METADATA_KEY: self.task_metadata}, ins.tensors)
         return ins
 
 
