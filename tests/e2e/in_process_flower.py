@@ -12,8 +12,8 @@ real SuperLink and SuperNodes.
 from __future__ import annotations
 
 import json
-from copy import deepcopy
 from collections.abc import Iterable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -123,7 +123,8 @@ def test_homomorphic_aggregation_over_flower_gives_the_plain_models_sum(write_co
 
 def test_each_node_keeps_its_dp_sgd_spending_between_rounds(write_config, client_files, tmp_path):
     config = write_config(
-        federation={"rounds": 2, **NO_CLIENT_EVALUATION}, training={"dp_sgd": {"noise_multiplier": 1.0, "clip_norm": 1.0}}
+        federation={"rounds": 2, **NO_CLIENT_EVALUATION},
+        training={"dp_sgd": {"noise_multiplier": 1.0, "clip_norm": 1.0}},
     )
     run_in_process(config, nodes(client_files))
     first, second = read_metrics(tmp_path / "config")[1:3]
