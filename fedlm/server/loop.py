@@ -25,12 +25,12 @@ from fedlm.core.compression import codec_from_spec
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate, train_summary
-from fedlm.errors import ConfigError, WireError
-from fedlm.gate import checked_update
+from fedlm.errors import ConfigError
 from fedlm.privacy.accounting import RoundAccounting
 from fedlm.protocol import ClientTransport, FitIns, LoopbackTransport
 from fedlm.server.evaluation import encode_dataset, evaluate_dataset, evaluate_on_clients
 from fedlm.server.global_model import GlobalModel, global_model_of
+from fedlm.server.intake import Declared, gate_replies
 from fedlm.server.seed_api import SeedApi
 from fedlm.tasks.text import EncodedDataset
 
@@ -80,13 +80,9 @@ class FedServer(SeedApi):
         self.global_model, self.transport = global_model, transport
         self.strategy, self.channel = strategy or FedAvg(), channel or PlainChannel()
         self.seed, self.min_clients, self.round_timeout = seed, min_clients, round_timeout
-        # the most examples one client's update counts for (None: what it declared when it joined)
-        self.max_client_examples = max_client_examples
         self.privacy, self.download_codec = privacy, download_codec
         self.round, self.history, self.stop_reason = 0, [], None
-        # what each client declared when it joined (a FedClient's data is here): replies may not claim more
-        self._examples = {client.name: _examples(client)[0] for client in self.clients}
-        self._test_examples = {client.name: _examples(client)[1] for client in self.clients}
+        self.declared = Declared.of(self.clients, max_client_examples)  # replies may not claim more
         self.transport.max_reply_bytes = self.channel.max_reply_bytes(self.upload_numel())
         if in_process and self.algorithm.replaces_weights:
             self.algorithm.join(self.clients)
@@ -199,38 +195,13 @@ class FedServer(SeedApi):
         return self.algorithm.fit_messages(self.global_model, self.strategy, names, base, codec)
 
     def _round_context(self, round_number: int, names: list[str]) -> RoundContext:
-        """What the channel needs; each client's weight in a sum is its share of the (capped)
-        examples, or 1 each when the strategy counts clients equally (DP)."""
-        examples = {name: self._counted(self._examples[name]) for name in names}
-        total = sum(examples.values())
-        equal = self.strategy.weights_clients_equally
-        weights = {name: 1.0 if equal else count / total for name, count in examples.items()}
+        weights = self.declared.weights(names, self.strategy.weights_clients_equally)
         return RoundContext(self.transport, round_number, self.seed, self.global_model.spec.numel,
-                            self._deadline(), weights, self._examples)  # fmt: skip
+                            self._deadline(), weights, self.declared.examples)  # fmt: skip
 
     def _gated(self, replies: dict[str, Any], round_number: int) -> tuple[list[ClientUpdate], list[dict[str, str]]]:
-        """The replies through the validation gate (`fedlm.gate.checked_update`) into the global
-        layout (under a summing channel: their metrics, weighted by the examples the sum was
-        weighted by); a reply that fails it, or a reason instead of a reply, drops the client, named."""
-        updates, dropped = [], []
-        for name, reply in replies.items():
-            try:
-                if isinstance(reply, str):
-                    raise WireError(reply)
-                if self.channel.sums:
-                    updates.append(ClientUpdate(torch.zeros(0), self._counted(self._examples[name]), reply.metrics))
-                    continue
-                delta, examples, metrics, extras = checked_update(reply, self.upload_numel(name), self._examples[name])
-            except WireError as error:
-                logger.warning("round %d: client %s dropped: %s", round_number, self.transport.describe(name), error)
-                dropped.append({"client": name, "reason": str(error)})
-                continue
-            delta, extras = self.global_model.to_global(name, delta, extras)
-            updates.append(ClientUpdate(delta, self._counted(examples), metrics, extras))
-        return updates, dropped
-
-    def _counted(self, num_examples: int) -> int:
-        return num_examples if self.max_client_examples is None else min(num_examples, self.max_client_examples)
+        return gate_replies(replies, round_number, self.declared, self.channel.sums, self.upload_numel,
+                            self.global_model.to_global, self.transport.describe)  # fmt: skip
 
     def _deadline(self) -> float | None:
         return None if self.round_timeout is None else time.monotonic() + self.round_timeout
@@ -256,16 +227,8 @@ class FedServer(SeedApi):
             sampled = self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate")
             names = [client.name for client in sampled if client.has_test_data]
             messages = self.algorithm.evaluate_messages(self.global_model, names, self.round)
-            metrics.update(
-                evaluate_on_clients(
-                    self.transport,
-                    messages,
-                    self._test_examples,
-                    self._deadline(),
-                    self.round,
-                    self.global_model.task.metrics,
-                )  # fmt: skip
-            )
+            metrics.update(evaluate_on_clients(self.transport, messages, self.declared.test_examples,
+                                               self._deadline(), self.round, self.global_model.task.metrics))  # fmt: skip
         return metrics
 
 
@@ -287,13 +250,6 @@ def sample(clients: list[Any], count: int | None, seed: int) -> list[Any]:
         raise ConfigError(f"the number of clients to sample must be >= 0, got {count}")
     chosen = torch.randperm(len(clients), generator=torch.Generator().manual_seed(seed))[:count]
     return [clients[index] for index in sorted(chosen.tolist())]
-
-
-def _examples(client: Any) -> tuple[int, int]:
-    """The training and test examples a client declared when it joined (a FedClient's data is here)."""
-    if isinstance(client, FedClient):
-        return len(client.data), len(client.test_data or [])
-    return client.num_examples, client.num_test_examples
 
 
 def _client_epsilons(replies: dict[str, Any]) -> dict[str, Any]:

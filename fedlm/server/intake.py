@@ -1,0 +1,84 @@
+"""How clients' replies enter the server: what each client declared when it joined (replies may
+not claim more), what one update's examples count for, and the validation gate every training
+reply passes before an algorithm or strategy sees it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedlm.client import FedClient
+from fedlm.core.update import ClientUpdate
+from fedlm.errors import WireError
+from fedlm.gate import checked_update
+
+logger = logging.getLogger("fedlm")
+
+
+@dataclass(frozen=True)
+class Declared:
+    """The training and test examples each client declared when it joined (a `FedClient`'s data
+    is in process), and `cap`, the most examples one client's update counts for (None: what it
+    declared)."""
+
+    examples: dict[str, int]
+    test_examples: dict[str, int]
+    cap: int | None = None
+
+    @classmethod
+    def of(cls, clients: Sequence[Any], cap: int | None) -> Declared:
+        sizes = {client.name: _sizes(client) for client in clients}
+        return cls(
+            {name: size[0] for name, size in sizes.items()}, {name: size[1] for name, size in sizes.items()}, cap
+        )
+
+    def counted(self, num_examples: int) -> int:
+        return num_examples if self.cap is None else min(num_examples, self.cap)
+
+    def weights(self, names: list[str], equal: bool) -> dict[str, float]:
+        """Each client's weight in a sum: its share of the (capped) examples, or 1 each when the
+        strategy counts clients equally (DP)."""
+        examples = {name: self.counted(self.examples[name]) for name in names}
+        total = sum(examples.values())
+        return {name: 1.0 if equal else count / total for name, count in examples.items()}
+
+
+def gate_replies(
+    replies: dict[str, Any],
+    round_number: int,
+    declared: Declared,
+    summed: bool,
+    upload_numel: Callable[[str], int],
+    to_global: Callable[[str, torch.Tensor, dict], tuple[torch.Tensor, dict]],
+    describe: Callable[[str], str],
+) -> tuple[list[ClientUpdate], list[dict[str, str]]]:
+    """The replies through the validation gate (`fedlm.gate.checked_update`) into the global layout
+    (`to_global`); under a channel that only delivers the sum (`summed`), their metrics, weighted by
+    the examples the sum was weighted by. A reply that fails the gate, or a reason instead of a
+    reply, drops the client, named."""
+    updates, dropped = [], []
+    for name, reply in replies.items():
+        try:
+            if isinstance(reply, str):
+                raise WireError(reply)
+            if summed:
+                updates.append(ClientUpdate(torch.zeros(0), declared.counted(declared.examples[name]), reply.metrics))
+                continue
+            delta, examples, metrics, extras = checked_update(reply, upload_numel(name), declared.examples[name])
+        except WireError as error:
+            logger.warning("round %d: client %s dropped: %s", round_number, describe(name), error)
+            dropped.append({"client": name, "reason": str(error)})
+            continue
+        delta, extras = to_global(name, delta, extras)
+        updates.append(ClientUpdate(delta, declared.counted(examples), metrics, extras))
+    return updates, dropped
+
+
+def _sizes(client: Any) -> tuple[int, int]:
+    if isinstance(client, FedClient):
+        return len(client.data), len(client.test_data or [])
+    return client.num_examples, client.num_test_examples
