@@ -72,27 +72,22 @@ def save_checkpoint(
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    # the global parameters and the algorithm's own state (distillation's last soft labels)
-    global_state = {"parameters": server.global_model.params.contiguous(), **server.algorithm.state_dict()}
-    save_file(global_state, temporary / "global.safetensors")
-    save_file({k: v.contiguous() for k, v in server.strategy.state_dict().items()}, temporary / "strategy.safetensors")
-    client_state = {
-        f"{client.name}/{key}": getattr(client, key).contiguous()
-        for client in server.clients
-        for key in FedClient.STATE
-        if getattr(client, key, None) is not None  # remote clients keep theirs
-    }
-    save_file(client_state, temporary / "clients.safetensors")
+    server_state = server.state_dict()
+    # the global parameters and the algorithm's own state (distillation's last soft labels) share a file
+    tensors = {**server_state, "global": {**server_state["global"], **server_state["algorithm"]}}
+    for name in TENSOR_FILES:
+        part = tensors[name.removesuffix(".safetensors")]
+        save_file({key: value.contiguous() for key, value in part.items()}, temporary / name)
     state = {
         "version": CHECKPOINT_VERSION,
-        "round": server.round,
+        "round": server_state["round"],
         "strategy": type(server.strategy).__name__,
         "num_parameters": server.global_model.spec.numel,
         "clients": [client.name for client in server.clients],
         "config": config,
         "records": records,
-        "history": server.history,
-        "privacy": None if server.privacy is None else server.privacy.accountant.state(),
+        "history": server_state["history"],
+        "privacy": server_state["privacy"],
         "files": {name: _sha256(temporary / name) for name in TENSOR_FILES},
         "data": data_fingerprints(server) if data is None else data,
     }
@@ -134,21 +129,16 @@ def load_checkpoint(
             raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt ({error})") from None
     _check_finite(tensors, folder)
     global_state, strategy_state, client_state = (tensors[name] for name in TENSOR_FILES)
-    if "parameters" not in global_state:
-        raise ConfigError(f"cannot resume: checkpoint {folder} is corrupt (global.safetensors has no 'parameters')")
-    global_params = global_state["parameters"]
     differences = config_differences(state["config"], config)
     if differences:
         raise ConfigError(
             f"cannot resume: {folder} was written by a different config ({'; '.join(differences)}); "
             f"only {', '.join(RESUMABLE_CHANGES)} may change"
         )
-    if (
-        state["num_parameters"] != server.global_model.spec.numel
-        or global_params.numel() != server.global_model.spec.numel
-    ):
+    if state["num_parameters"] != server.global_model.spec.numel:
         raise ConfigError(
-            f"cannot resume: checkpoint {folder} holds {global_params.numel()} parameters, the model has {server.global_model.spec.numel}"
+            f"cannot resume: checkpoint {folder} holds {state['num_parameters']} parameters, "
+            f"the model has {server.global_model.spec.numel}"
         )
     if state["clients"] != [client.name for client in server.clients]:
         raise ConfigError(f"cannot resume: checkpoint {folder} was made for other clients")
@@ -160,20 +150,17 @@ def load_checkpoint(
         )
     if changed:
         logger.warning("resuming on changed data (--allow-data-change): %s", "; ".join(changed))
-    server.global_model.params = global_params
-    server.algorithm.load_state_dict({key: value for key, value in global_state.items() if key != "parameters"})
+    parameters = {"parameters": global_state.pop("parameters")} if "parameters" in global_state else {}
+    server_state = {
+        "global": parameters,
+        "algorithm": global_state,
+        "strategy": strategy_state,
+        "clients": client_state,
+    }
     try:
-        server.strategy.load_state_dict(strategy_state)
+        server.load_state_dict({**server_state, **{key: state.get(key) for key in ("round", "history", "privacy")}})
     except ValueError as error:
         raise ConfigError(f"cannot resume: checkpoint {folder}: {error}") from None
-    for client in server.clients:
-        if isinstance(client, FedClient):  # remote clients keep their own state
-            for key in FedClient.STATE:
-                setattr(client, key, client_state.get(f"{client.name}/{key}"))
-    if server.privacy is not None and state.get("privacy") is not None:
-        server.privacy.accountant.load_state(state["privacy"])
-    server.round = state["round"]
-    server.history = state["history"]
     return state["records"]
 
 

@@ -170,6 +170,18 @@ class FedClient:
         kind = self.options.dp_sgd.accountant if self.options.dp_sgd is not None else "rdp"
         self.sample_privacy = None if steps is None else accountant_from(steps, kind)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What this client keeps between rounds (`STATE`), the parts it holds."""
+        return {key: getattr(self, key) for key in self.STATE if getattr(self, key) is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back `state_dict()`'s state; what it lacks is reset to None (not kept yet)."""
+        unknown = sorted(set(state) - set(self.STATE))
+        if unknown:
+            raise ValueError(f"a client has no state {unknown}; its state is {list(self.STATE)}")
+        for key in self.STATE:
+            setattr(self, key, state[key].clone() if key in state else None)
+
     # ---- parameters --------------------------------------------------------------------------
 
     def get_parameters(self) -> torch.Tensor:

@@ -206,6 +206,19 @@ class GlobalModel:
         """The federated vector of `model` (the materialized model, after training it)."""
         return get_federated_vector(model, self.lora_base)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The global parameters, for a checkpoint."""
+        return {"parameters": self.params.contiguous()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back `state_dict()`'s parameters; a ValueError when there are none or they do not fit."""
+        params = state.get("parameters")
+        if params is None:
+            raise ValueError("no 'parameters'")
+        if params.shape != self.params.shape:
+            raise ValueError(f"{params.numel()} parameters, the model has {self.spec.numel}")
+        self.params = params.clone()
+
     def save(self, path: str | Path, round_number: int, merge_lora: bool = True) -> Path:
         """Write the model and tokenizer with `save_pretrained`, and fedlm.json (the round, the task
         and its metadata, such as the label map). An adapter model is

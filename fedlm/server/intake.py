@@ -13,7 +13,7 @@ import torch
 
 from fedlm.client import FedClient
 from fedlm.core.update import ClientUpdate
-from fedlm.errors import WireError
+from fedlm.errors import ConfigError, WireError
 from fedlm.gate import checked_update
 
 logger = logging.getLogger("fedlm")
@@ -31,6 +31,8 @@ class Declared:
 
     @classmethod
     def of(cls, clients: Sequence[Any], cap: int | None) -> Declared:
+        if cap is not None and cap < 1:
+            raise ConfigError(f"max_client_examples must be >= 1, got {cap}")
         sizes = {client.name: _sizes(client) for client in clients}
         return cls(
             {name: size[0] for name, size in sizes.items()}, {name: size[1] for name, size in sizes.items()}, cap

@@ -68,8 +68,6 @@ class FedServer(SeedApi):
             raise ConfigError("FedServer needs at least one client")
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
-        if max_client_examples is not None and max_client_examples < 1:
-            raise ConfigError(f"max_client_examples must be >= 1, got {max_client_examples}")
         self.clients = list(clients)
         self.algorithm = algorithm or WeightAveraging()
         in_process = transport is None  # the clients are FedClients
@@ -96,6 +94,25 @@ class FedServer(SeedApi):
     def upload_numel(self, name: str | None = None) -> int:
         """How many values a client's update holds (`name`'s, or the largest)."""
         return self.algorithm.upload_numel(self.global_model, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a run needs to continue bit for bit (`fedlm.checkpoint` writes it): tensors by part,
+        and the round, the history and the privacy accountant as JSON values."""
+        return {
+            "global": self.global_model.state_dict(), "algorithm": self.algorithm.state_dict(),
+            "strategy": self.strategy.state_dict(), "clients": _client_state(self.clients),
+            "round": self.round, "history": self.history,
+            "privacy": None if self.privacy is None else self.privacy.accountant.state(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s state; a ValueError names what does not fit."""
+        for part, owner in (("global", self.global_model), ("algorithm", self.algorithm), ("strategy", self.strategy)):
+            owner.load_state_dict(state[part])
+        _load_client_state(self.clients, state["clients"])
+        if self.privacy is not None and state["privacy"] is not None:
+            self.privacy.accountant.load_state(state["privacy"])
+        self.round, self.history = state["round"], list(state["history"])
 
     # ---- the round loop ----------------------------------------------------------------------
 
@@ -208,11 +225,6 @@ class FedServer(SeedApi):
 
     # ---- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> dict:
-        """The task's loss and metrics (classification: accuracy, macro-F1) of the global model on a
-        (federated validation) dataset."""
-        return evaluate_dataset(self.global_model, self.encode_dataset(dataset, text_column, label_column))
-
     def encode_dataset(self, dataset: Any, text_column: str | None = None, label_column: str | None = None):
         """Read and tokenize a dataset for the federation's task (encoded ones pass through)."""
         return encode_dataset(self.global_model, dataset, text_column, label_column)
@@ -220,9 +232,8 @@ class FedServer(SeedApi):
     def evaluate_global_model(self, validation: EncodedDataset | None, clients_per_evaluation: int | None = None):
         """`val_*` metrics on the federated validation set (if any) and `client_*` metrics on the test
         splits of `clients_per_evaluation` clients (all when None, none when 0)."""
-        metrics: dict[str, Any] = {}
-        if validation is not None:
-            metrics.update({f"val_{key}": value for key, value in self.evaluate(validation).items()})
+        validated = {} if validation is None else evaluate_dataset(self.global_model, validation)
+        metrics: dict[str, Any] = {f"val_{key}": value for key, value in validated.items()}
         if clients_per_evaluation != 0:
             sampled = self.sample_clients(self.round, clients_per_evaluation, purpose="evaluate")
             names = [client.name for client in sampled if client.has_test_data]
@@ -250,6 +261,21 @@ def sample(clients: list[Any], count: int | None, seed: int) -> list[Any]:
         raise ConfigError(f"the number of clients to sample must be >= 0, got {count}")
     chosen = torch.randperm(len(clients), generator=torch.Generator().manual_seed(seed))[:count]
     return [clients[index] for index in sorted(chosen.tolist())]
+
+
+def _client_state(clients: list[Any]) -> dict[str, torch.Tensor]:
+    """The in-process clients' state, keyed "name/key" (remote clients keep their own)."""
+    local = [client for client in clients if isinstance(client, FedClient)]
+    return {f"{client.name}/{key}": value for client in local for key, value in client.state_dict().items()}
+
+
+def _load_client_state(clients: list[Any], state: dict[str, torch.Tensor]) -> None:
+    for client in clients:
+        if isinstance(client, FedClient):
+            prefix = f"{client.name}/"
+            client.load_state_dict(
+                {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+            )
 
 
 def _client_epsilons(replies: dict[str, Any]) -> dict[str, Any]:

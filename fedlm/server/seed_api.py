@@ -18,10 +18,11 @@ import torch
 from fedlm.client import FedClient
 from fedlm.core.update import train_summary
 from fedlm.errors import FedlmError
+from fedlm.server.evaluation import evaluate_dataset
 
 
 class SeedApi:
-    """`broadcast_model`, `aggregate_parameters`, `get_model` and `save` of a `FedServer`."""
+    """`broadcast_model`, `aggregate_parameters`, `evaluate`, `get_model` and `save` of a `FedServer`."""
 
     def broadcast_model(self) -> None:
         """Send the global parameters and the strategy's round instructions to every client
@@ -48,6 +49,11 @@ class SeedApi:
             {"round": self.round, "clients": len(updates), "dropped": dropped, **train_summary(updates), **summary}
         )
         return self.history[-1]
+
+    def evaluate(self, dataset: Any, text_column: str | None = None, label_column: str | None = None) -> dict:
+        """The task's loss and metrics (classification: accuracy, macro-F1) of the global model on a
+        (federated validation) dataset."""
+        return evaluate_dataset(self.global_model, self.encode_dataset(dataset, text_column, label_column))
 
     def get_model(self) -> torch.nn.Module:
         """A transformers model holding the global parameters (a copy: later rounds do not change it)."""

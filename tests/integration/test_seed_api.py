@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_records
 from fedlm import FedClient, FedServer
+from fedlm.core.strategies import Scaffold
 from fedlm.models import get_federated_vector
 
 FAST = {"learning_rate": 3e-3, "max_length": 32, "batch_size": 16}
@@ -64,6 +65,30 @@ def test_aggregate_is_the_example_weighted_mean_of_the_trained_clients(load_tiny
     server.broadcast_model()
     for client in clients:
         assert torch.equal(get_federated_vector(client.model), server.global_params)
+
+
+def test_a_server_continues_exactly_from_another_servers_state_dict(load_tiny):
+    def scaffold_server():
+        options = {**FAST, "optimizer": "sgd", "learning_rate": 0.05}
+        clients = [FedClient(make_records(40, seed=s), load_tiny(seed=s), name=f"c{s}", **options) for s in (1, 2)]
+        return FedServer(clients, Scaffold(num_clients=2), seed=3)
+
+    first, second = scaffold_server(), scaffold_server()
+    first.fit(rounds=1, clients_per_evaluation=0)
+    state = first.state_dict()
+    assert set(state["clients"]) == {"c1/control_variate", "c2/control_variate"}
+    assert set(state["strategy"]) == {"server_control"} and state["round"] == 1
+    second.load_state_dict(state)
+    first.fit(rounds=1, clients_per_evaluation=0)  # must not move the state second took
+    second.fit(rounds=1, clients_per_evaluation=0)
+    assert second.round == 2 and [record["round"] for record in second.history] == [1, 2]
+    assert torch.equal(first.global_params, second.global_params)
+    assert not torch.equal(state["global"]["parameters"], second.global_params)
+
+    with pytest.raises(ValueError, match="3 parameters, the model has"):
+        second.load_state_dict({**state, "global": {"parameters": torch.zeros(3)}})
+    with pytest.raises(ValueError, match="a client has no state \\['momentum'\\]"):
+        second.load_state_dict({**state, "clients": {"c1/momentum": torch.zeros(3)}})
 
 
 def test_server_starts_every_client_from_the_first_clients_model(load_tiny):

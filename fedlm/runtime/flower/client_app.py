@@ -87,7 +87,7 @@ def train(message: Message, context: Context) -> Message:
         client = _restored_client(node, ins.config.get(TASK_METADATA_KEY), context)
         client.channel_state = node.channel_party(context).channel_state
         result = client.fit(ins)
-        kept = {key: getattr(client, key) for key in FedClient.STATE if getattr(client, key) is not None}
+        kept = client.state_dict()
         if kept:
             context.state[STATE] = ArrayRecord({key: Array(value.numpy()) for key, value in kept.items()})
         _keep_channel_state(client, context)
@@ -125,8 +125,7 @@ def _restored_client(node: Node, task_metadata: Any, context: Context) -> FedCli
     """The node's client with the state it kept between messages (`FedClient.STATE`)."""
     client = node.client(task_metadata)
     state = context.state.array_records.get(STATE, {})
-    for key in FedClient.STATE:
-        setattr(client, key, torch.from_numpy(state[key].numpy()) if key in state else None)
+    client.load_state_dict({key: torch.from_numpy(array.numpy()) for key, array in state.items()})
     return client
 
 
