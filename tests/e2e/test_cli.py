@@ -141,14 +141,6 @@ def test_an_unexpected_error_is_one_line_on_stderr_and_exit_1_unless_debug(tmp_p
     assert "patient 17" not in result.stderr
 
 
-def test_demo_config_is_valid_and_printable(tmp_path):
-    result = fedlm("demo", "--print-config", "--rounds", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    printed = yaml.safe_load(result.stdout)
-    assert printed["model"]["name"] == "minilm" and printed["data"]["dataset"] == "bbc-news"
-    assert printed["federation"]["rounds"] == 2
-
-
 def test_fedlm_partition_prints_the_table_and_writes_the_report(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in make_records(120, 1)))

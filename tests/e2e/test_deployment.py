@@ -4,7 +4,9 @@ authentication), `fedlm run --backend flower`, and the faults only real processe
 Most of the Flower apps' behaviour (stack, distillation, secure and homomorphic aggregation,
 node state between rounds, misbehaving nodes) is tested in-process in test_flower_apps.py: the
 same ServerApp and ClientApp code, without a ClientApp process per message. Here the tests share
-one SuperLink and three SuperNodes per module where they can; the one that kills a node has its own."""
+one SuperLink and two SuperNodes, alpha and beta: every message to a node is a ClientApp process
+that imports torch and transformers (BENCHMARKS.md), so a third node would add a third of the
+cost and nothing these tests assert. The last test kills beta."""
 
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def client_files(tmp_path_factory) -> dict[str, Path]:
-    return write_client_files(tmp_path_factory.mktemp("data"))
+    files = write_client_files(tmp_path_factory.mktemp("data"))
+    return {name: files[name] for name in ("alpha", "beta")}
 
 
 @pytest.fixture
@@ -52,7 +55,7 @@ def write_config(tmp_path, tiny_model_dir, client_files):
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, client_files):
-    """One SuperLink and the SuperNodes alpha, beta and gamma, shared by the module's tests: each
+    """One SuperLink and the SuperNodes alpha and beta, shared by the module's tests: each
     `fedlm run` is a run of its own on them."""
     folder = tmp_path_factory.mktemp("deployment")
     with LocalDeployment(folder) as local:
@@ -63,24 +66,26 @@ def deployment(tmp_path_factory, client_files):
 
 def test_deployment_matches_simulation_bit_for_bit(deployment, write_config, tmp_path):
     # SCAFFOLD: the clients' control variates must persist on the nodes between rounds; LoRA: every
-    # node must build the same seeded adapter as the server
+    # node must build the same seeded adapter as the server. The nodes' evaluation replies are the
+    # same messages as their training replies; test_flower_apps.py compares them with the simulation.
     config = write_config(
         strategy={"kind": "scaffold"},
         training={"optimizer": "sgd", "learning_rate": 0.05},
         peft={"method": "lora", "r": 4},
+        federation=NO_CLIENT_EVALUATION,
     )
     result = deployment.run(config)
     assert result.returncode == 0, result.stdout + result.stderr
     deployed = read_metrics(tmp_path / "config")
     assert [record["round"] for record in deployed] == [0, 1, 2]
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert all(record["clients"] == 2 and not record["dropped"] for record in deployed[1:])
     assert deployed[2]["bytes_up"] > 2 * deployed[2]["bytes_down"] / 3  # update plus control delta, per client
 
     simulated = simulate(config, tmp_path / "simulated")
     assert same_model(tmp_path / "config", simulated)
-    for ours, theirs in zip(deployed, read_metrics(simulated)):
-        assert ours.get("train_loss") == theirs.get("train_loss")
-        assert ours["client_test"] == theirs["client_test"]
+    assert [record.get("train_loss") for record in deployed] == [
+        record.get("train_loss") for record in read_metrics(simulated)
+    ]
 
 
 def test_an_unregistered_supernode_is_refused(deployment, client_files):
@@ -103,22 +108,6 @@ def test_mismatched_certificates_fail_clearly(deployment, write_config, client_f
     assert f"{other['ca.crt']} does not verify" in message and "as --root-certificates" in message
 
 
-@pytest.mark.real_model
-def test_a_22m_parameter_model_goes_through_in_both_directions(deployment, write_config, tmp_path):
-    config = write_config(
-        model={"name": "minilm"},
-        federation={"rounds": 1, "round_timeout": 300, "clients_per_round": 2, **NO_CLIENT_EVALUATION},
-        training={"max_length": 16},
-    )
-    result = deployment.run(config)
-    assert result.returncode == 0, result.stdout + result.stderr
-    record = read_metrics(tmp_path / "config")[1]
-    megabytes = 4 * 22_700_000 / 1e6
-    assert record["clients"] == 2 and not record["dropped"]
-    assert record["bytes_down"] / 2 / 1e6 > megabytes and record["bytes_up"] / 2 / 1e6 > megabytes
-
-
-# last of the tests on the shared deployment: it kills the ServerApp's process under the SuperLink
 def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, write_config, tmp_path):
     config = write_config(federation={"rounds": 2, "round_timeout": 120, **NO_CLIENT_EVALUATION})
     run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,20 +125,29 @@ def test_server_killed_between_rounds_resumes_from_its_checkpoint(deployment, wr
     assert same_model(tmp_path / "config", simulate(config, tmp_path / "simulated"))
 
 
-def test_a_killed_node_is_dropped_and_the_round_completes(write_config, client_files, tmp_path):
-    config = write_config(federation={"rounds": 1, "round_timeout": 40, "min_clients": 2, **NO_CLIENT_EVALUATION})
-    with LocalDeployment(tmp_path / "deployment") as deployment:
-        start_nodes(deployment, client_files)
-        command = deployment.run_command(config)
-        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        metrics = tmp_path / "config" / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "the round 0 record")
-        deployment.kill("gamma")
-        output, _ = run.communicate(timeout=600)
-    no_processes_left(tmp_path / "deployment")
+# last: it kills the node beta
+@pytest.mark.real_model
+def test_a_node_killed_mid_round_of_the_22m_parameter_model_is_dropped_and_the_round_completes(
+    deployment, write_config, tmp_path
+):
+    # the round waits out its timeout for beta; alpha alone has the 22.7M parameters to receive,
+    # train and send back before it, in about a third of it
+    config = write_config(
+        model={"name": "minilm"},
+        federation={"rounds": 1, "round_timeout": 75, "min_clients": 1, **NO_CLIENT_EVALUATION},
+        training={"max_length": 16},
+    )
+    run = subprocess.Popen(deployment.run_command(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "config" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, "the round 0 record")
+    deployment.kill("beta")
+    output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output
     record = read_metrics(tmp_path / "config")[1]
-    assert record["clients"] == 2 and "train_loss" in record and not record.get("skipped")
-    assert [item["client"] for item in record["dropped"]] == ["gamma"]
-    assert "round 1: client gamma (node " in output and "dropped" in output
+    assert record["clients"] == 1 and "train_loss" in record and not record.get("skipped")
+    assert [item["client"] for item in record["dropped"]] == ["beta"]
+    assert "round 1: client beta (node " in output and "dropped" in output
+    megabytes = 4 * 22_700_000 / 1e6
+    alpha = record["client_bytes"]["alpha"]
+    assert alpha["down"] / 1e6 > megabytes and alpha["up"] / 1e6 > megabytes
     assert (tmp_path / "config" / "model" / "model.safetensors").exists()

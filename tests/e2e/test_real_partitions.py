@@ -1,4 +1,5 @@
-"""`fedlm run` on the example configs (shortened): non-IID BBC News and a multilingual natural split."""
+"""`fedlm run` on the example configs (shortened): non-IID BBC News on the bundled model, and the
+multilingual natural split, whose partition and per-language evaluation the tiny model checks."""
 
 import json
 from pathlib import Path
@@ -8,7 +9,6 @@ import yaml
 
 from conftest import read_metrics, run_fedlm
 
-pytestmark = pytest.mark.real_model
 CONFIGS = Path(__file__).parents[2] / "examples" / "configs"
 
 
@@ -23,13 +23,14 @@ def run_shortened(name, tmp_path, **changes):
     return result.stdout, lines, json.loads((tmp_path / "out" / "partition.json").read_text())
 
 
+@pytest.mark.real_model
 def test_bbc_news_with_dirichlet_label_skew(tmp_path):
     stdout, lines, partition = run_shortened(
         "bbc-dirichlet.yaml",
         tmp_path,
-        data={"max_examples": 600},
+        data={"max_examples": 400},
         federation={"rounds": 2, "clients_per_round": 3},
-        training={"max_length": 64},
+        training={"max_length": 32},
     )
     assert partition["num_clients"] == 10 and partition["mean_top_label_share"] > 0.4
     assert (tmp_path / "out" / "partition.png").exists()
@@ -42,15 +43,23 @@ def test_bbc_news_with_dirichlet_label_skew(tmp_path):
             "client_accuracy_std",
         } <= set(line)
         assert line["clients"] == 3 and line["clients_evaluated"] == 10
-    assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"]
+    assert lines[-1]["val_accuracy"] > lines[0]["val_accuracy"] + 0.1  # 0.16 -> 0.40
     assert "client acc mean" in stdout
 
 
-def test_multilingual_natural_split_by_language(tmp_path):
+def test_multilingual_natural_split_by_language(tmp_path, tiny_model_dir):
     stdout, lines, partition = run_shortened(
-        "multilingual-natural.yaml", tmp_path, data={"max_examples": 600}, federation={"rounds": 2}
+        "multilingual-natural.yaml",
+        tmp_path,
+        model={"name": str(tiny_model_dir)},
+        data={"max_examples": 400},
+        federation={"rounds": 1},
+        training={"max_length": 32},
     )
     assert [client["client"] for client in partition["clients"]] == ["en", "zh"]
     assert partition["labels"] == ["negative", "positive"]
-    assert {item["client"] for item in lines[-1]["client_test"]} == {"en", "zh"}
-    assert lines[-1]["val_accuracy"] > 0.6
+    english, chinese = partition["clients"]
+    assert 0 < english["examples"] < chinese["examples"]  # about one review in eight is English
+    for line in lines:
+        assert {item["client"] for item in line["client_test"]} == {"en", "zh"} and "val_accuracy" in line
+    assert lines[1]["clients"] == 2 and not lines[1]["dropped"]

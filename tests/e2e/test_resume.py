@@ -43,13 +43,12 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, strategy)
     data = config_data_factory(num_clients=4, rounds=6, strategy=strategy, federation={"clients_per_round": 3})
     if strategy["kind"] == "scaffold":
         data["training"]["optimizer"] = "sgd"
-    data["training"]["local_epochs"] = 1
+    data["training"].update(local_epochs=1, threads=1)  # one thread here and in the killed run's process
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    for folder in (straight, interrupted):
-        folder.mkdir()
-        (folder / "run.yaml").write_text(yaml.safe_dump(data))
+    run_federation(build_simulation(parse_config({**data, "output_dir": str(straight / "out")})))
+    interrupted.mkdir()
+    (interrupted / "run.yaml").write_text(yaml.safe_dump(data))
 
-    assert start_run(straight).wait(timeout=300) == 0
     process = start_run(interrupted)
     deadline = time.time() + 300
     while checkpoint_round(interrupted) < 3 and process.poll() is None and time.time() < deadline:
