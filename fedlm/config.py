@@ -309,6 +309,20 @@ class ClassificationTaskConfig(TaskBase):
     kind: Literal["classification"] = "classification"
 
 
+class CausalLMTaskConfig(TaskBase):
+    """Instruction and dialogue tuning of a decoder (fedlm.tasks.causal_lm)."""
+
+    kind: Literal["causal_lm"] = "causal_lm"
+    format: Literal["auto", "messages", "instruction", "text"] = Field(
+        "auto",
+        description="the rows: messages (chat turns), instruction/input/output (Alpaca), or text; auto detects it from the columns",
+    )
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template; the tokenizer's when omitted, ChatML when it has none"
+    )
+    train_on_prompt: bool = Field(False, description="count every token in the loss, not only the assistant's")
+
+
 # task kind -> the section that validates `task: {kind: <kind>, ...}`; the task classes are in
 # fedlm.tasks.TASKS under the same names (fedlm.register_task adds to both)
 TASK_SECTIONS: dict[str, type[TaskBase]] = {}
@@ -329,6 +343,7 @@ def register_task_section(name: str, section: type[TaskBase]) -> None:
 
 
 register_task_section("classification", ClassificationTaskConfig)
+register_task_section("causal_lm", CausalLMTaskConfig)
 
 
 def validate_task(value: Any) -> TaskBase:

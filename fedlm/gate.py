@@ -168,18 +168,21 @@ def checked_update(
     return delta, reply.num_examples, reply.metrics, reply.extras
 
 
-def checked_evaluation(reply: EvaluateRes, max_examples: int, required: tuple[str, ...]) -> dict[str, float]:
+def checked_evaluation(
+    reply: EvaluateRes, max_examples: int, required: dict[str, tuple[float, float]]
+) -> dict[str, float]:
     """An evaluation reply's metrics, once its example count is at most the client's declared
-    test examples and a reply with examples holds every `required` metric, each in [0, 1]."""
+    test examples and a reply with examples holds every `required` metric within its (low, high)."""
     if reply.num_examples > max_examples:
         raise WireError(
             f"evaluation reports {reply.num_examples:,} test examples, the client declared {max_examples:,}"
         )
     if reply.num_examples == 0:
         return {}
-    for name in required:
-        if not 0 <= reply.metrics.get(name, -1) <= 1:
-            raise WireError(f"evaluation metric {name!r} is missing or outside [0, 1]")
+    for name, (low, high) in required.items():
+        value = reply.metrics.get(name)
+        if not (isinstance(value, int | float) and low <= value <= high):
+            raise WireError(f"evaluation metric {name!r} is missing or outside [{low:g}, {high:g}], got {value!r}")
     return reply.metrics
 
 

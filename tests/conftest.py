@@ -90,6 +90,56 @@ def build_tiny_model_folder(folder: Path, hidden_size: int = 32, layers: int = 2
     return folder
 
 
+def build_tiny_llama_folder(folder: Path) -> Path:
+    """A tiny random-init Llama decoder and a WordPiece tokenizer from tests/fixtures/vocab.txt
+    with ChatML's markers as special tokens and ChatML as its chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fedlm.tasks.causal_lm import CHATML
+
+    vocab = [line for line in (FIXTURES / "vocab.txt").read_text().splitlines() if line]
+    core = Tokenizer(models.WordPiece({token: index for index, token in enumerate(vocab)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )  # fmt: skip
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_conversations(num: int, seed: int) -> list[dict]:
+    """`num` two-turn chats: the user names a topic word, the assistant answers with the topic and
+    three of its other words (a mapping a model can learn)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        topic = rng.choice(sorted(TOPIC_WORDS))
+        asked = rng.choice(TOPIC_WORDS[topic])
+        answer = " ".join([word for word in TOPIC_WORDS[topic] if word != asked][:3])
+        rows.append({"messages": [
+            {"role": "user", "content": f"tell me about the {asked}"},
+            {"role": "assistant", "content": f"{topic} {answer}"},
+        ]})  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A folder holding a tiny random-init BERT encoder and its tokenizer, like a pretrained model."""

@@ -26,7 +26,7 @@ from fedlm.privacy.accounting import PrivacyAccountant
 from fedlm.privacy.dp_sgd import accountant_from, steps_tensor
 from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
-from fedlm.tasks import ClassificationTask, Task, task_for
+from fedlm.tasks import Task, task_for, task_of_model
 from fedlm.tasks.distillation import distil, predict_logits
 from fedlm.tasks.text import EncodedDataset, encode
 
@@ -73,7 +73,7 @@ class FedClient:
         self.options = TrainingOptions(**training_options)
         self.name = name or (Path(dataset).stem if isinstance(dataset, (str, Path)) else None)
         owner = f"client {self.name or '(unnamed)'}"
-        self.task = ClassificationTask() if task is None else task_for(task) if isinstance(task, str) else task
+        self.task = task_of_model(model) if task is None else task_for(task) if isinstance(task, str) else task
         self.data = self.task.read(dataset, text_column, label_column, owner=owner)
         self.test_data = (
             None

@@ -98,7 +98,7 @@ def load_text_dataset(
     """
     if isinstance(dataset, TextDataset):
         return dataset
-    source, columns = _read_columns(dataset, owner)
+    source, columns = read_columns(dataset, owner)
     text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
     texts = columns[text_name]
     if label_column is None and not label_aliases:
@@ -127,7 +127,7 @@ def load_public_set(
         return dataset
     if isinstance(dataset, list) and all(isinstance(text, str) for text in dataset):
         dataset = [{"text": text} for text in dataset]
-    source, columns = _read_columns(dataset, owner)
+    source, columns = read_columns(dataset, owner)
     text_name = _pick_column(columns, text_column, TEXT_ALIASES, "text", owner, source)
     has_label = label_column is not None or any(str(name).lower() in LABEL_ALIASES for name in columns)
     texts = columns[text_name]
@@ -149,8 +149,9 @@ def _is_missing(label: Any) -> bool:
     return isinstance(label, numbers.Number) and label != label  # only NaN differs from itself
 
 
-def _read_columns(dataset: Any, owner: str) -> tuple[str, dict[str, list]]:
-    """Where `dataset` comes from, and its columns."""
+def read_columns(dataset: Any, owner: str) -> tuple[str, dict[str, list]]:
+    """Where `dataset` (a path, a `datasets.Dataset` or a list of dicts) comes from, and its
+    columns by name; for tasks whose rows are not one text and one target."""
     if isinstance(dataset, (str, Path)):
         return str(dataset), _read_path(Path(dataset), owner)
     if isinstance(dataset, list):

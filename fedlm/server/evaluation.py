@@ -11,6 +11,7 @@ from fedlm.errors import WireError
 from fedlm.gate import checked_evaluation
 from fedlm.protocol import ClientTransport, EvaluateIns
 from fedlm.server.global_model import GlobalModel
+from fedlm.tasks import Task
 from fedlm.tasks.text import EncodedDataset
 
 logger = logging.getLogger("fedlm")
@@ -38,17 +39,17 @@ def evaluate_on_clients(
     test_examples: dict[str, int],
     deadline: float | None,
     round_number: int,
-    metrics: tuple[str, ...],
+    task: Task,
 ) -> dict[str, Any]:
     """Send each client its evaluation instructions; per-client results (through the validation
     gate: a malformed reply is logged and left out) and the distribution (mean, weighted mean,
-    worst, 10th percentile, std) of each of the task's `metrics`. Empty when no client answered."""
+    worst, 10th percentile, std) of each of the task's metrics. Empty when no client answered."""
     results = []
     for name, reply in transport.evaluate(messages, deadline).items():
         try:
             if isinstance(reply, str):
                 raise WireError(reply)
-            reported = checked_evaluation(reply, test_examples[name], metrics)
+            reported = checked_evaluation(reply, test_examples[name], task.metric_ranges())
         except WireError as error:
             logger.warning("round %d: client %s failed to evaluate: %s", round_number, transport.describe(name), error)
             continue
@@ -58,8 +59,9 @@ def evaluate_on_clients(
         return {}
     summary: dict[str, Any] = {"clients_evaluated": len(results)}
     weights = [result["num_examples"] for result in results]
-    for metric in metrics:
-        distribution = metric_distribution([result[metric] for result in results], weights)
+    for metric in task.metrics:
+        values = [result[metric] for result in results]
+        distribution = metric_distribution(values, weights, higher_is_better=metric not in task.lower_is_better)
         summary.update({f"client_{metric}_{key}": value for key, value in distribution.items()})
     summary["client_test"] = results
     return summary

@@ -239,7 +239,7 @@ class FedServer(SeedApi):
             names = [client.name for client in sampled if client.has_test_data]
             messages = self.algorithm.evaluate_messages(self.global_model, names, self.round)
             metrics.update(evaluate_on_clients(self.transport, messages, self.declared.test_examples,
-                                               self._deadline(), self.round, self.global_model.task.metrics))  # fmt: skip
+                                               self._deadline(), self.round, self.global_model.task))  # fmt: skip
         return metrics
 
 

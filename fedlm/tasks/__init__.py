@@ -10,6 +10,7 @@ from typing import Any
 
 from fedlm.errors import ConfigError
 from fedlm.tasks.base import Task
+from fedlm.tasks.causal_lm import CausalLMTask, is_causal_lm
 from fedlm.tasks.classification import ClassificationTask
 
 TASKS: dict[str, type[Task]] = {}
@@ -48,6 +49,22 @@ def task_for(kind: str, **options: Any) -> Task:
     return TASKS[kind](**options)
 
 
-register_task("classification", ClassificationTask)
+def task_of_model(model: Any) -> Task:
+    """The task of a model given without one (`FedClient(model=...)`): causal_lm for a causal
+    language model, classification otherwise."""
+    return CausalLMTask() if is_causal_lm(model) else ClassificationTask()
 
-__all__ = ["TASKS", "ClassificationTask", "Task", "check_task_class", "register_task", "task_for"]
+
+register_task("classification", ClassificationTask)
+register_task("causal_lm", CausalLMTask)
+
+__all__ = [
+    "TASKS",
+    "CausalLMTask",
+    "ClassificationTask",
+    "Task",
+    "check_task_class",
+    "register_task",
+    "task_for",
+    "task_of_model",
+]

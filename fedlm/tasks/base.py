@@ -27,13 +27,17 @@ class Task(ABC):
     besides "loss" and what the round records summarize over the clients' test splits; `headline`
     is the one of them a run is judged by. `class_labels`: its targets are classes (label-skew
     partitions and distillation's soft labels need that). `target_dtype`: the dtype of the
-    batches' "labels" tensor."""
+    batches' "labels" tensor. `lower_is_better`: the metrics for which a client's lower value is
+    the better one (its worst client is then the highest). `ranges`: where a metric's values lie,
+    which the reply gate checks (a metric not listed lies in [0, 1])."""
 
     kind: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]
     headline: ClassVar[str]
     class_labels: ClassVar[bool] = False
     target_dtype: ClassVar[torch.dtype] = torch.long
+    lower_is_better: ClassVar[frozenset[str]] = frozenset()
+    ranges: ClassVar[dict[str, tuple[float, float]]] = {}
 
     @abstractmethod
     def read(
@@ -57,6 +61,10 @@ class Task(ABC):
         self, model: torch.nn.Module, data: EncodedDataset, batch_size: int, pad_id: int, device: str = "cpu"
     ) -> dict[str, float]:
         """{"loss": ..., and one value per name in `metrics`} of `model` on `data`."""
+
+    def metric_ranges(self) -> dict[str, tuple[float, float]]:
+        """(low, high) of each of `metrics`."""
+        return {metric: self.ranges.get(metric, (0.0, 1.0)) for metric in self.metrics}
 
     def target_keys(self, targets: list[Any]) -> list[str]:
         """What a client reports about its targets so that the server can build the metadata

@@ -6,11 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+IGNORED_TARGET = -100
+"""The target of a token the loss skips (transformers' ignore index): prompts, padding."""
+
 
 @dataclass
 class EncodedDataset:
-    """Token ids per example (unpadded) and each example's target (a class id, a number, ...),
-    batched as a tensor of `label_dtype` under the key "labels" (what transformers' heads take)."""
+    """Token ids per example (unpadded) and each example's target: one value (a class id, a
+    number, ...) or one per token (a list as long as its ids: next-token targets, tags), batched
+    as a tensor of `label_dtype` under the key "labels" (what transformers' heads take)."""
 
     input_ids: list[list[int]]
     labels: list
@@ -43,7 +47,8 @@ def encode(
 
 
 def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int] | None = None):
-    """Yield dicts of padded tensors (input_ids, attention_mask, labels), padded to the batch's longest."""
+    """Yield dicts of padded tensors (input_ids, attention_mask, labels), padded to the batch's
+    longest; per-token targets are padded with IGNORED_TARGET."""
     order = list(range(len(data))) if order is None else order
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
@@ -54,5 +59,10 @@ def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int]
             ids = data.input_ids[index]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        labels = torch.tensor([data.labels[i] for i in chosen], dtype=data.label_dtype)
+        if isinstance(data.labels[chosen[0]], list):
+            labels = torch.full((len(chosen), width), IGNORED_TARGET, dtype=data.label_dtype)
+            for row, index in enumerate(chosen):
+                labels[row, : len(data.labels[index])] = torch.tensor(data.labels[index], dtype=data.label_dtype)
+        else:
+            labels = torch.tensor([data.labels[i] for i in chosen], dtype=data.label_dtype)
         yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -6,11 +6,12 @@ SCAFFOLD and LoRA bit for bit across real nodes) is in test_deployment.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model_folder, make_records, read_metrics
+from conftest import build_tiny_model_folder, make_conversations, make_records, read_metrics
 from deployment_setup import (
     NAMES,
     NO_CLIENT_EVALUATION,
@@ -164,3 +165,25 @@ def test_too_few_nodes_fails_saying_how_many_were_seen(write_config, client_file
     config = write_config(deployment={"num_clients": 3, "node_wait_timeout": 1})
     with pytest.raises(FedlmError, match="waited 1 s for 3 SuperNodes, saw 2 connected"):
         run_in_process(config, {name: node for name, node in nodes(client_files).items() if name != "gamma"})
+
+
+def test_a_decoder_with_lora_over_flower_matches_simulation_bit_for_bit(tiny_llama_dir, tmp_path):
+    chats = make_conversations(90, seed=1)
+    files = {}
+    for index, name in enumerate(NAMES):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps(row) for row in chats[index::3]))
+    config = config_writer(tmp_path, tiny_llama_dir, files)(
+        task={"kind": "causal_lm"},
+        peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        training={"learning_rate": 1e-2, "max_length": 48},
+    )
+    run_in_process(config, nodes(files))
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert {item["client"] for item in deployed[-1]["client_test"]} == set(NAMES)
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    for ours, theirs in zip(deployed, read_metrics(simulated)):
+        assert ours.get("train_loss") == theirs.get("train_loss")
+        assert ours["client_test"] == theirs["client_test"]  # each node's perplexity on its test split

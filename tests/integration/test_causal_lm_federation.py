@@ -1,0 +1,90 @@
+"""Federated dialogue tuning of the tiny Llama: `fedlm run`'s simulation with task causal_lm, full
+fine-tuning and LoRA in each of its aggregation modes, and the seed API with the task inferred."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import make_conversations
+from fedlm import FedClient, FedServer
+from fedlm.config import parse_config
+from fedlm.runtime import build_simulation, run_federation
+from fedlm.tasks import CausalLMTask
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in make_conversations(240, seed=0)))
+    return path
+
+
+def simulate(tiny_llama_dir, chats, output_dir, rounds=3, **sections):
+    config = {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"name": str(tiny_llama_dir)},
+        "task": {"kind": "causal_lm"},
+        "data": {
+            "dataset": str(chats),
+            "validation_fraction": 0.2,
+            "client_test_fraction": 0.2,
+            "partition": {"kind": "iid", "num_clients": 3},
+        },
+        "federation": {"rounds": rounds},
+        "training": {"learning_rate": 1e-2, "max_length": 64, "batch_size": 8, "threads": 1},
+        **sections,
+    }
+    return run_federation(build_simulation(parse_config(config)))
+
+
+def test_federated_dialogue_tuning_lowers_validation_perplexity_every_round(tiny_llama_dir, chats, tmp_path):
+    history = simulate(tiny_llama_dir, chats, tmp_path / "run")
+    perplexity = [record["val_perplexity"] for record in history]
+    assert all(later < earlier for earlier, later in zip(perplexity, perplexity[1:])), perplexity
+    assert perplexity[-1] < perplexity[0] / 4, perplexity
+    last = history[-1]
+    clients = [item["perplexity"] for item in last["client_test"]]
+    assert last["client_perplexity_worst"] == max(clients)  # lower is better: the worst is the highest
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("aggregation", ["fedit", "ffa", "svd", "stack"])
+def test_lora_trains_the_decoder_in_every_aggregation_mode(tiny_llama_dir, chats, tmp_path, aggregation):
+    """A random-init model's output distribution sits in its tied embeddings, which LoRA leaves
+    alone, so the adapters learn slowly (full fine-tuning: 26 -> 3.4 in the same rounds)."""
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    history = simulate(
+        tiny_llama_dir, chats, tmp_path / "run",
+        peft={"method": "lora", "r": 8, "aggregation": aggregation, "target_modules": targets},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert all(later < earlier for earlier, later in zip(perplexity, perplexity[1:])), perplexity
+    assert perplexity[-1] < perplexity[0] * 0.9, perplexity
+
+
+def test_the_seed_api_infers_the_task_from_a_causal_lm(tiny_llama_dir, chats, tmp_path):
+    rows = [json.loads(line) for line in chats.read_text().splitlines()]
+    for index in range(2):
+        (tmp_path / f"client{index}.jsonl").write_text("\n".join(json.dumps(row) for row in rows[index::3]))
+    held_out = rows[2::3][:40]
+    clients = [
+        FedClient(
+            dataset=str(tmp_path / f"client{index}.jsonl"),
+            model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+            max_length=64,
+            learning_rate=1e-2,
+        )
+        for index in range(2)
+    ]
+    assert all(isinstance(client.task, CausalLMTask) for client in clients)
+    server = FedServer(clients)
+    before = server.evaluate(held_out)["perplexity"]
+    for _ in range(2):
+        for client in server.clients:
+            client.local_train(epochs=1)
+        server.aggregate_parameters()
+        server.broadcast_model()
+    assert server.evaluate(held_out)["perplexity"] < before / 2
+    assert type(server.get_model()).__name__ == "LlamaForCausalLM"
