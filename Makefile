@@ -21,9 +21,10 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/fedlm demo --overwrite
 
 # One worker per core (at most 4), each test module on one worker (module fixtures start once),
-# one torch thread per process: two workers of two threads each on 2 cores wait on each other.
+# modules handed out in collection order (tests/conftest.py puts the longest first), one torch
+# thread per process: two workers of two threads each on 2 cores wait on each other.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fedlm tests benchmarks examples

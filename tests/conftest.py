@@ -20,6 +20,18 @@ TOPIC_WORDS = {
 FILLER = "the a of to in and is was for on with as by at from it this that said new one year people time".split()
 
 
+# `make test`'s workers (pytest-xdist, --dist loadscope --no-loadscope-reorder) take whole modules
+# in collection order:
+# the longest modules go first, so that none of them starts last and runs on after the rest is
+# done (their durations are in BENCHMARKS.md). Within a module the order stays as written.
+LONGEST_MODULES = ("test_deployment.py", "test_convergence.py", "test_real_model.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_MODULES)))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """A run config's `training.threads` sets torch's thread count for the whole process: put it
