@@ -57,3 +57,9 @@ def load_pretrained(auto_class: Any, name_or_path: str, seed: int, **options: An
             return auto_class.from_pretrained(str(path), **options)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name_or_path} from {path}: {error}") from error
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the model a PEFT adapter wraps) is a transformers causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForCausalLM")

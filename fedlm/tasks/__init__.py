@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from fedlm.errors import ConfigError
+from fedlm.models.loading import is_causal_lm
 from fedlm.tasks.base import Task
-from fedlm.tasks.causal_lm import CausalLMTask, is_causal_lm
+from fedlm.tasks.causal_lm import CausalLMTask
 from fedlm.tasks.classification import ClassificationTask
 
 TASKS: dict[str, type[Task]] = {}

@@ -23,7 +23,7 @@ import torch
 
 from fedlm.data.dataset import TextDataset, read_columns
 from fedlm.errors import DatasetError, ModelError
-from fedlm.models.loading import load_pretrained
+from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
 from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches
 
@@ -234,9 +234,3 @@ class CausalLMTask(Task):
             raise ValueError("cannot compute perplexity on zero target tokens")
         loss = total / counted
         return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
-
-
-def is_causal_lm(model: torch.nn.Module) -> bool:
-    """Whether `model` (or the model a PEFT adapter wraps) is a transformers causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base).__name__.endswith("ForCausalLM")

@@ -8,7 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedlm.errors import DatasetError
+from fedlm.errors import DatasetError, WireError
+from fedlm.gate import checked_evaluation
+from fedlm.protocol import EvaluateRes
 from fedlm.tasks import TASKS, CausalLMTask, task_of_model
 from fedlm.tasks.text import IGNORED_TARGET, EncodedDataset, batches
 
@@ -122,3 +124,11 @@ def test_a_causal_lm_is_given_the_causal_lm_task_and_other_models_are_refused(ti
     assert isinstance(task_of_model(model), CausalLMTask) and TASKS["causal_lm"] is CausalLMTask
     with pytest.raises(Exception, match="task causal_lm needs a causal language model .*BertForSequenceClassification"):
         CausalLMTask().check_model(load_tiny(), None, owner="client a")
+
+
+@pytest.mark.parametrize("reported", [{"perplexity": 0.5}, {"perplexity": float("nan")}, {"perplexity": "low"}, {}])
+def test_the_reply_gate_refuses_a_perplexity_no_model_can_have(reported):
+    ranges = CausalLMTask().metric_ranges()
+    assert checked_evaluation(EvaluateRes(6, {"perplexity": 3.2}), 6, ranges) == {"perplexity": 3.2}
+    with pytest.raises(WireError, match=r"evaluation metric 'perplexity' is missing or outside \[1, inf\]"):
+        checked_evaluation(EvaluateRes(6, reported), 6, ranges)
