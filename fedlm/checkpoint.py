@@ -34,7 +34,16 @@ logger = logging.getLogger("fedlm")
 CHECKPOINT_VERSION = 2  # 2: file checksums and client data fingerprints
 # Config fields a resumed run may change: where it writes, how long it runs, how it waits for nodes,
 # and the privacy budget it may spend (epsilon is accounted across the resume either way).
-RESUMABLE_CHANGES = ("output_dir", "federation.rounds", "federation.checkpoint_every", "deployment", "dp.max_epsilon")
+# config fields added after checkpoints were first written, with their defaults: a checkpoint
+# without one was written with the default
+ADDED_LATER = {
+    "training.lr_schedule": "constant", "training.min_learning_rate": 0.0, "training.group_by_length": False,
+    "federation.max_total_bytes": None,
+}  # fmt: skip
+RESUMABLE_CHANGES = (
+    "output_dir", "federation.rounds", "federation.checkpoint_every", "federation.max_total_bytes", "deployment",
+    "dp.max_epsilon",
+)  # fmt: skip
 TENSOR_FILES = ("global.safetensors", "strategy.safetensors", "clients.safetensors")
 # what state.json must hold, and of which JSON type
 STATE_FIELDS: dict[str, type] = {
@@ -242,11 +251,14 @@ def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of fields that differ, ignoring RESUMABLE_CHANGES."""
+    """Dotted names of fields that differ, ignoring RESUMABLE_CHANGES (and ADDED_LATER fields at
+    their defaults that the saved config lacks)."""
     differences = []
     for key in sorted(set(saved) | set(current)):
         name = f"{prefix}{key}"
         if name in RESUMABLE_CHANGES:
+            continue
+        if key not in saved and name in ADDED_LATER and current.get(key) == ADDED_LATER[name]:
             continue
         before, after = saved.get(key), current.get(key)
         if isinstance(before, dict) and isinstance(after, dict):

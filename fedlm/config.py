@@ -153,6 +153,12 @@ class FederationConfig(Section):
     max_client_examples: int | None = Field(
         None, ge=1, description="the most examples one client's update counts for in the average; none when omitted"
     )
+    max_total_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="communication budget of the training rounds (bytes up and down): the run ends cleanly before "
+        "a round that would exceed it (judged by the largest round so far); none when omitted",
+    )
 
     @model_validator(mode="after")
     def _one_sample_size(self) -> FederationConfig:
@@ -321,6 +327,15 @@ class CausalLMTaskConfig(TaskBase):
         None, description="a Jinja chat template; the tokenizer's when omitted, ChatML when it has none"
     )
     train_on_prompt: bool = Field(False, description="count every token in the loss, not only the assistant's")
+    samples: int = Field(
+        4, ge=0, description="validation prompts answered by the global model after every round (samples/round_N.jsonl)"
+    )
+    max_new_tokens: int = Field(48, ge=1, description="the longest generated sample response, in tokens")
+    packing: bool = Field(
+        False,
+        description="pack several examples into each sequence of up to max_length tokens, attention kept within "
+        "each example (checked on the model); batch_size then counts packed sequences",
+    )
 
 
 # task kind -> the section that validates `task: {kind: <kind>, ...}`; the task classes are in
@@ -365,10 +380,20 @@ class TrainingConfig(Section):
     local_epochs: int = Field(1, ge=1, description="local epochs per round")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="the local learning rate across rounds: constant, or annealed from learning_rate towards "
+        "min_learning_rate (reached one round after the last), linearly or along half a cosine",
+    )
+    min_learning_rate: float = Field(0.0, ge=0, description="where lr_schedule anneals the learning rate to")
     max_length: int = Field(128, ge=8, description="tokens per example after truncation")
     weight_decay: float = Field(0.01, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null disables it")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer; SCAFFOLD assumes sgd")
+    group_by_length: bool = Field(
+        False,
+        description="batch examples of similar lengths together (shuffled batches of sorted windows): less padding",
+    )
     device: str = Field("cpu", description="torch device for training and evaluation, e.g. cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
     dp_sgd: DPSGDConfig | None = Field(
@@ -384,6 +409,15 @@ class TrainingConfig(Section):
                 "mps (Apple silicon) or xpu, xpu:N (Intel GPUs)"
             )
         return device
+
+    @model_validator(mode="after")
+    def _schedule_ends_below_its_start(self) -> TrainingConfig:
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(
+                f"min_learning_rate {self.min_learning_rate} exceeds learning_rate {self.learning_rate}: the schedule "
+                "anneals from learning_rate down to min_learning_rate"
+            )
+        return self
 
 
 class LoraConfig(Section):
@@ -757,6 +791,15 @@ class RunConfig(Section):
             problem = None
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _packing_fits(self) -> RunConfig:
+        if getattr(self.task, "packing", False) and self.training.dp_sgd is not None:
+            raise ValueError(
+                "task.packing puts several examples in one sequence, and training.dp_sgd clips each sequence's "
+                "gradient as one example's: its privacy guarantee would not hold; remove one of them"
+            )
         return self
 
     def _check_summed_updates(self, section: str) -> None:

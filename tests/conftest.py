@@ -24,7 +24,13 @@ FILLER = "the a of to in and is was for on with as by at from it this that said 
 # in collection order:
 # the longest modules go first, so that none of them starts last and runs on after the rest is
 # done (their durations are in BENCHMARKS.md). Within a module the order stays as written.
-LONGEST_MODULES = ("test_deployment.py", "test_convergence.py", "test_real_model.py", "test_resume.py")
+LONGEST_MODULES = (
+    "test_deployment.py",
+    "test_convergence.py",
+    "test_real_model.py",
+    "test_real_decoder.py",
+    "test_resume.py",
+)
 
 
 def pytest_collection_modifyitems(items):

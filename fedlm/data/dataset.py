@@ -149,11 +149,21 @@ def _is_missing(label: Any) -> bool:
     return isinstance(label, numbers.Number) and label != label  # only NaN differs from itself
 
 
+@dataclass
+class Records:
+    """Rows (dicts of column values) with the name of where they come from (a bundled dataset)."""
+
+    rows: list[dict[str, Any]]
+    source: str
+
+
 def read_columns(dataset: Any, owner: str) -> tuple[str, dict[str, list]]:
-    """Where `dataset` (a path, a `datasets.Dataset` or a list of dicts) comes from, and its
-    columns by name; for tasks whose rows are not one text and one target."""
+    """Where `dataset` (a path, a `datasets.Dataset`, `Records` or a list of dicts) comes from,
+    and its columns by name; for tasks whose rows are not one text and one target."""
     if isinstance(dataset, (str, Path)):
         return str(dataset), _read_path(Path(dataset), owner)
+    if isinstance(dataset, Records):
+        return dataset.source, _records_to_columns(dataset.rows, owner, dataset.source)
     if isinstance(dataset, list):
         return "list of records", _records_to_columns(dataset, owner, "list of records")
     if hasattr(dataset, "column_names") and hasattr(dataset, "to_dict"):

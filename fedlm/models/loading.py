@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,8 @@ import torch
 
 from fedlm.errors import ModelError
 from fedlm.models.registry import resolve_model_path
+
+logger = logging.getLogger("fedlm")
 
 
 @contextlib.contextmanager
@@ -38,11 +41,22 @@ def load_tokenizer(name_or_path: str, owner: str = "model"):
         raise ModelError(f"{owner}: the model has no name_or_path to load a tokenizer from; pass tokenizer=...")
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(resolve_model_path(name_or_path)))
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(name_or_path)))
     except (OSError, ValueError) as error:
         raise ModelError(
             f"{owner}: cannot load a tokenizer from {name_or_path}: {error}; pass tokenizer=..."
         ) from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # decoders (GPT-2, Llama) often have none; padded positions are masked out of attention and loss
+        tokenizer.pad_token = tokenizer.eos_token
+        if name_or_path not in _PADDED_WITH_EOS:
+            _PADDED_WITH_EOS.add(name_or_path)
+            logger.warning("%s: its tokenizer has no pad token; padding with its end-of-sequence token %r",
+                        name_or_path, tokenizer.eos_token)  # fmt: skip
+    return tokenizer
+
+
+_PADDED_WITH_EOS: set[str] = set()  # the tokenizers load_tokenizer said so for
 
 
 def load_pretrained(auto_class: Any, name_or_path: str, seed: int, **options: Any) -> torch.nn.Module:

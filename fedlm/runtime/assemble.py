@@ -26,6 +26,7 @@ from fedlm.config import (
 )
 from fedlm.core.privacy import AdaptiveClipping, DifferentialPrivacy
 from fedlm.core.robust import ROBUST_AGGREGATES
+from fedlm.core.schedule import LearningRateSchedule
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data.dataset import TextDataset
@@ -56,7 +57,7 @@ def build_federation(
     """The config's server over `clients`: in-process `FedClient`s, or remote clients' `ClientInfo`s
     with the `transport` that reaches them and the `global_model` (the initial global parameters).
     `public_context`: homomorphic aggregation's public CKKS context; `validation`: the federated
-    validation set (encoded here); `partition`: the partition summary for the run folder."""
+    validation set (encoded here; the task's sample prompts come from it); `partition`: the partition summary for the run folder."""
     clients_per_round = resolve_clients_per_round(config, len(clients))
     strategy, accounting = add_privacy(
         config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
@@ -76,11 +77,26 @@ def build_federation(
         download_codec=None if download is None else download.model_dump(exclude={"error_feedback"}),
         transport=transport,
         global_model=global_model,
+        learning_rates=learning_rate_schedule(config),
+        max_total_bytes=config.federation.max_total_bytes,
     )
-    encoded = None
+    encoded, prompts = None, []
     if validation is not None:
-        encoded = server.encode_dataset(validation, config.data.text_column, config.data.label_column)
-    return Federation(config, server, encoded, clients_per_round, partition)
+        task = server.global_model.task
+        validation = task.read(validation, config.data.text_column, config.data.label_column, owner="validation set")
+        prompts = task.sample_prompts(validation, derive_seed(config.seed, "samples"))
+        encoded = server.encode_dataset(validation)
+    return Federation(config, server, encoded, clients_per_round, partition, prompts)
+
+
+def learning_rate_schedule(config: RunConfig) -> LearningRateSchedule | None:
+    """The local learning rate of each round (None: constant, the clients' own)."""
+    training = config.training
+    if training.lr_schedule == "constant":
+        return None
+    return LearningRateSchedule(
+        training.lr_schedule, training.learning_rate, training.min_learning_rate, config.federation.rounds
+    )
 
 
 def build_channel(config: RunConfig, public_context: bytes | None) -> UpdateChannel:

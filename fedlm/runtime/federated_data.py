@@ -48,6 +48,11 @@ def load_source(config: RunConfig, task: Task) -> TextDataset:
     """The run's single source dataset (bundled or a file) as `task` reads it, subsampled to `max_examples`."""
     data_config = config.data
     name = data_config.dataset
+    if name in BUNDLED_DATASETS and BUNDLED_DATASETS[name].task != task.kind:
+        raise ConfigError(
+            f"data.dataset {name!r} holds rows for task {BUNDLED_DATASETS[name].task}, and the run's task is "
+            f"{task.kind}: set task: {{kind: {BUNDLED_DATASETS[name].task}}} or choose another dataset"
+        )
     if name in BUNDLED_DATASETS or (not Path(name).exists() and not Path(name).suffix):
         # names the registered datasets when `name` is unknown; the task checks its labels
         data = task.read(load_bundled_dataset(name), owner="data.dataset")
@@ -133,6 +138,11 @@ def load_public_data(config: RunConfig, held_out: TextDataset | None = None) -> 
             )
         public = held_out
     elif settings.dataset in BUNDLED_DATASETS:
+        if BUNDLED_DATASETS[settings.dataset].task != "classification":
+            raise ConfigError(
+                f"algorithm.public_data.dataset {settings.dataset!r} holds {BUNDLED_DATASETS[settings.dataset].task} "
+                "rows; distillation's public set is texts: give a text dataset"
+            )
         public = load_bundled_dataset(settings.dataset)
     else:
         public = load_public_set(

@@ -15,10 +15,12 @@ ends with a `ClientError`: `fedlm run` exits 2, as for every fedlm error.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +40,24 @@ RUN_MARKER = "fedlm-run.json"
 PARTITION_REPORT = ("partition.json", "partition.png")  # also written by `fedlm partition`
 PARTITION_TEMPORARY = "partition.tmp"  # the report is written there, then its files renamed into place
 # what a run writes into its folder: all that --overwrite deletes (with their .tmp and .old copies)
-RUN_OUTPUTS = (RUN_MARKER, "config.yaml", *PARTITION_REPORT, "metrics.jsonl", "checkpoint", "model", "summary.json")
+RUN_OUTPUTS = (
+    RUN_MARKER, "config.yaml", *PARTITION_REPORT, "metrics.jsonl", "samples", "checkpoint", "model", "summary.json",
+)  # fmt: skip
+SAMPLE_CHARACTERS = 100  # how much of the first sample a round record and its log line show
 
 
 @dataclass
 class Federation:
     """A server ready to run a config's rounds, with its federated validation set, the number of
-    clients sampled per round (None: all) and the partition summary (None when unknown)."""
+    clients sampled per round (None: all), the partition summary (None when unknown) and the
+    validation prompts the global model answers after every round (`Task.sample_prompts`)."""
 
     config: RunConfig
     server: FedServer
     validation: EncodedDataset | None
     clients_per_round: int | None
     partition: dict[str, Any] | None = None
+    sample_prompts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def check_run_folder(
@@ -171,6 +178,8 @@ def run_federation(
     write_metrics(output, records)
 
     def record_round(record: dict[str, Any]) -> None:
+        if federation.sample_prompts:
+            record.update(write_samples(server, federation.sample_prompts, output, record["round"]))
         record = finite_json(record)  # as written: NaN and infinity as None, listed under "non_finite"
         records.append(record)
         write_metrics(output, records)
@@ -199,6 +208,9 @@ def run_federation(
     summary["privacy"] = privacy_report(server, config, records)
     if server.stop_reason is not None:
         summary["stopped"] = server.stop_reason
+    if settings.max_total_bytes is not None:
+        summary["communication_budget"] = {"max_total_bytes": settings.max_total_bytes,
+                                           "training_rounds_bytes": server.bytes_spent()}  # fmt: skip
     if summary["aggregated_rounds"] == 0:
         why = server.stop_reason or (
             f"every round was skipped: fewer than federation.min_clients ({settings.min_clients}) clients sent a "
@@ -217,6 +229,23 @@ def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
     """metrics.jsonl, one record a line, rewritten whole through a temporary file: a crash leaves
     the previous version (the checkpoint holds the records too, and a resume rewrites it)."""
     write_atomic(output / "metrics.jsonl", "".join(json_text(record) + "\n" for record in records))
+
+
+def write_samples(server: FedServer, prompts: list[dict[str, Any]], output: Path, round_number: int) -> dict:
+    """The global model's responses to `prompts`, one JSON object a line (the prompt, its reference,
+    the response) in samples/round_N.jsonl; the record's "sample" (the first response, shortened)
+    and "sample_seconds"."""
+    start = time.perf_counter()
+    responses = server.global_model.generate(prompts)
+    lines = [json_text({**prompt, "response": response}) + "\n" for prompt, response in zip(prompts, responses)]
+    (output / "samples").mkdir(exist_ok=True)
+    write_atomic(output / "samples" / f"round_{round_number}.jsonl", "".join(lines))
+    return {"sample": shortened(responses[0]), "sample_seconds": time.perf_counter() - start}
+
+
+def shortened(text: str, limit: int = SAMPLE_CHARACTERS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_partition(summary: dict[str, Any], output: Path) -> None:
@@ -361,6 +390,10 @@ def round_line(record: dict[str, Any], rounds: int, task: Task) -> str:
     parts = [f"round {record['round']}/{rounds}"]
     if "train_loss" in record:
         parts.append(f"train loss {number('train_loss', '.4f')}")
+    if "learning_rate" in record:
+        parts.append(f"lr {record['learning_rate']:.2e}")
+    if record.get("train_skipped_examples"):
+        parts.append(f"{record['train_skipped_examples']} examples too long, skipped")
     shown = [metric for metric in metrics if f"val_{metric}" in record]
     if shown:
         parts.append("  ".join(f"val {abbreviated(metric)} {number(f'val_{metric}', '.3f')}" for metric in shown))
@@ -381,7 +414,8 @@ def round_line(record: dict[str, Any], rounds: int, task: Task) -> str:
         parts.append(f"dropped {', '.join(item['client'] for item in record['dropped'])} (reasons in the log)")
     if record.get("skipped"):
         parts.append("skipped: too few valid updates")
-    return "  ".join(parts)
+    line = "  ".join(parts)
+    return line if "sample" not in record else f"{line}\n  sample: {record['sample']!r}"
 
 
 def abbreviated(metric: str) -> str:

@@ -25,7 +25,8 @@ def encode_dataset(
     if isinstance(dataset, EncodedDataset):
         return dataset
     data = model.task.read(dataset, text_column, label_column, owner="validation set")
-    return model.encode(data.texts, model.encode_targets(data.labels, owner=f"validation set {data.source}"))
+    owner = f"validation set {data.source}"
+    return model.encode(data.texts, model.encode_targets(data.labels, owner=owner), owner)
 
 
 def evaluate_dataset(model: GlobalModel, encoded: EncodedDataset) -> dict[str, float]:

@@ -28,7 +28,7 @@ from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, mer
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer, quiet_transformers
 from fedlm.tasks import Task
-from fedlm.tasks.text import EncodedDataset
+from fedlm.tasks.text import EncodedDataset, report_skipped
 
 # how LoRA factors are aggregated (fedlm.core.lora): fedit averages A and B (inexact); ffa needs no
 # step (A is frozen, not federated); stack folds the exact average of the products into the base
@@ -83,10 +83,13 @@ class GlobalModel:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    def encode(self, texts: list[str], targets: list[Any]) -> EncodedDataset:
+    def encode(self, texts: list[str], targets: list[Any], owner: str = "dataset") -> EncodedDataset:
         """`texts` tokenized with the global model's tokenizer and maximum length, with their
-        encoded `targets` (`encode_targets`)."""
-        return self.task.encode(self.tokenizer, texts, targets, self.options.max_length)
+        encoded `targets` (`encode_targets`); rows the task skips are logged, naming `owner`."""
+        encoded = self.task.encode(self.tokenizer, texts, targets, self.options.max_length, owner)
+        if encoded.skipped:
+            report_skipped(encoded, len(texts), owner, self.options.max_length)
+        return encoded
 
     def encode_targets(self, targets: list[Any], owner: str) -> list[Any]:
         """Raw targets encoded with the federation's metadata (classification: class ids)."""
@@ -201,6 +204,11 @@ class GlobalModel:
             self.task.annotate_model(self._materialized, self.metadata)
         set_federated_vector(self._materialized, self.params if params is None else params, self.lora_base)
         return self._materialized
+
+    def generate(self, prompts: list[dict[str, Any]]) -> list[str]:
+        """The global model's responses to the task's sample prompts (`Task.sample_prompts`)."""
+        model = self.model().to(self.options.device)
+        return self.task.generate(model, self.tokenizer, prompts, self.options.max_length, self.options.device)
 
     def read(self, model: torch.nn.Module) -> torch.Tensor:
         """The federated vector of `model` (the materialized model, after training it)."""

@@ -22,6 +22,7 @@ from fedlm.algorithms import WeightAveraging
 from fedlm.channels import PlainChannel, RoundContext, UpdateChannel
 from fedlm.client import FedClient
 from fedlm.core.compression import codec_from_spec
+from fedlm.core.schedule import LearningRateSchedule
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import FedAvg, Strategy
 from fedlm.core.update import ClientUpdate, train_summary
@@ -40,7 +41,9 @@ logger = logging.getLogger("fedlm")
 class FedServer(SeedApi):
     """Runs rounds over `clients` with `strategy` (FedAvg), `algorithm` (weight averaging) and
     `channel` (updates in the clear); `privacy` accounts each aggregated round (client-level DP),
-    `download_codec` compresses the parameters sent for training.
+    `download_codec` compresses the parameters sent for training, `learning_rates` gives each
+    round's local learning rate (the clients' own when None), and `max_total_bytes` is the
+    communication budget of the training rounds (`budget_stop_reason`).
 
     Given `FedClient`s it builds the `GlobalModel` from them (`global_model_of`), reaches them
     through a `LoopbackTransport` and broadcasts the global parameters; over remote clients
@@ -63,11 +66,15 @@ class FedServer(SeedApi):
         download_codec: dict[str, Any] | None = None,
         transport: ClientTransport | None = None,
         global_model: GlobalModel | None = None,
+        learning_rates: LearningRateSchedule | None = None,
+        max_total_bytes: int | None = None,
     ) -> None:
         if not clients:
             raise ConfigError("FedServer needs at least one client")
         if min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {min_clients}")
+        if max_total_bytes is not None and max_total_bytes < 1:
+            raise ConfigError(f"max_total_bytes must be >= 1, got {max_total_bytes}")
         self.clients = list(clients)
         self.algorithm = algorithm or WeightAveraging()
         in_process = transport is None  # the clients are FedClients
@@ -79,6 +86,7 @@ class FedServer(SeedApi):
         self.strategy, self.channel = strategy or FedAvg(), channel or PlainChannel()
         self.seed, self.min_clients, self.round_timeout = seed, min_clients, round_timeout
         self.privacy, self.download_codec = privacy, download_codec
+        self.learning_rates, self.max_total_bytes = learning_rates, max_total_bytes
         self.round, self.history, self.stop_reason = 0, [], None
         self.declared = Declared.of(self.clients, max_client_examples)  # replies may not claim more
         self.transport.max_reply_bytes = self.channel.max_reply_bytes(self.upload_numel())
@@ -126,13 +134,15 @@ class FedServer(SeedApi):
         on_round_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Run `rounds` rounds (see `run_round`), stopping before a round that would exceed the
-        privacy budget; returns one metrics dict per round (also kept in `history`)."""
+        privacy or the communication budget; returns one metrics dict per round (also kept in
+        `history`)."""
         if rounds < 1:
             raise ConfigError(f"rounds must be >= 1, got {rounds}")
         encoded = None if validation is None else self.encode_dataset(validation)
         records = []
         for _ in range(rounds):
             self.stop_reason = None if self.privacy is None else self.privacy.stop_reason(self.round + 1)
+            self.stop_reason = self.stop_reason or self.budget_stop_reason()
             if self.stop_reason is not None:
                 logger.warning("%s", self.stop_reason)
                 break
@@ -153,6 +163,8 @@ class FedServer(SeedApi):
         round_number = self.round + 1
         start, bytes_before = time.perf_counter(), self.transport.bytes.snapshot()
         record: dict[str, Any] = {"round": round_number}
+        if self.learning_rates is not None:
+            record["learning_rate"] = self.learning_rates(round_number)
 
         # 1-2. sample, send the instructions through the channel, collect the replies
         names = [client.name for client in self.sample_clients(round_number, clients_per_round)]
@@ -198,6 +210,25 @@ class FedServer(SeedApi):
         self.history.append(record)
         return record
 
+    def bytes_spent(self) -> int:
+        """Bytes sent and received in the training rounds so far (each round's evaluation included)."""
+        return sum(record.get("bytes_up", 0) + record.get("bytes_down", 0) for record in self.history)
+
+    def budget_stop_reason(self) -> str | None:
+        """Why the next round may not run under `max_total_bytes`: the bytes so far plus the
+        largest round's would exceed it. Nothing to go by before the first round, which runs."""
+        if self.max_total_bytes is None or not self.history:
+            return None
+        spent = self.bytes_spent()
+        largest = max(record.get("bytes_up", 0) + record.get("bytes_down", 0) for record in self.history)
+        if spent + largest <= self.max_total_bytes:
+            return None
+        return (
+            f"communication budget: round {self.round + 1} would exceed federation.max_total_bytes "
+            f"{self.max_total_bytes:,} ({spent:,} bytes spent in {len(self.history)} rounds, the largest round "
+            f"{largest:,} bytes)"
+        )
+
     def sample_clients(self, round_number: int, count: int | None, purpose: str = "fit") -> list[Any]:
         """`count` clients (all when None), drawn with a seed from the run seed, purpose and round."""
         return sample(self.clients, count, derive_seed(self.seed, purpose, round_number))
@@ -208,6 +239,8 @@ class FedServer(SeedApi):
         """Each named client's instructions; `compress` applies the download codec (only to messages
         that travel: `broadcast_model` hands clients the exact parameters)."""
         base = {"round": round_number, "epochs": epochs, "seed": self.seed, **self.channel.fit_config()}
+        if self.learning_rates is not None:
+            base["learning_rate"] = self.learning_rates(round_number)
         codec = codec_from_spec(self.download_codec) if compress and self.download_codec is not None else None
         return self.algorithm.fit_messages(self.global_model, self.strategy, names, base, codec)
 

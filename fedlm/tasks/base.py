@@ -97,6 +97,22 @@ class Task(ABC):
         id2label and label2id). Nothing to write by default."""
         return None
 
-    def encode(self, tokenizer: Any, texts: list[str], targets: list[Any], max_length: int) -> EncodedDataset:
-        """`texts` tokenized (capped at `max_length` tokens) with their encoded `targets`."""
+    def encode(
+        self, tokenizer: Any, texts: list[str], targets: list[Any], max_length: int, owner: str = "dataset"
+    ) -> EncodedDataset:
+        """`texts` tokenized (capped at `max_length` tokens) with their encoded `targets`; errors
+        name `owner`. A task may skip rows that cannot be learned from at that length, counted in
+        the result's `skipped`."""
         return encode(tokenizer, texts, targets, max_length, self.target_dtype)
+
+    def sample_prompts(self, data: TextDataset, seed: int) -> list[dict[str, Any]]:
+        """A fixed set of prompts from `data` (drawn with `seed`) whose responses the global model
+        generates after every round (`generate`), as JSON objects with the "reference" response
+        where the data has one. A task that does not generate text has none."""
+        return []
+
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[dict[str, Any]], max_length: int, device: str
+    ) -> list[str]:
+        """`model`'s response to each of `sample_prompts`'s prompts (deterministic: greedy decoding)."""
+        raise NotImplementedError(f"task {self.kind} does not generate text, so it has no sample prompts")

@@ -25,7 +25,7 @@ from fedlm.data.dataset import TextDataset, read_columns
 from fedlm.errors import DatasetError, ModelError
 from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
-from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches
+from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches, forward_options, pack
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("messages", "instruction", "text")
@@ -101,6 +101,22 @@ def render(tokenizer: Any, conversation: Conversation, template: str) -> tuple[s
     return text, spans
 
 
+@torch.no_grad()
+def keeps_packed_examples_apart(model: torch.nn.Module) -> bool:
+    """Whether `model` scores the second of two packed sequences as it scores it alone."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    vocabulary = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(vocabulary, (1, length), generator=generator).to(device) for length in (5, 4))
+    alone = model(input_ids=second, use_cache=False).logits
+    positions = torch.cat([torch.arange(5), torch.arange(4)]).unsqueeze(0).to(device)
+    packed = model(input_ids=torch.cat([first, second], dim=1), position_ids=positions, use_cache=False).logits
+    model.train(was_training)
+    return torch.allclose(packed[:, 5:], alone, atol=1e-4, rtol=1e-3)
+
+
 class CausalLMTask(Task):
     """Next-token prediction on conversations, instructions or text (see the module docstring);
     no metadata. `chat_template` (a Jinja string) overrides the tokenizer's."""
@@ -116,10 +132,20 @@ class CausalLMTask(Task):
         format: Literal["auto", "messages", "instruction", "text"] = "auto",
         chat_template: str | None = None,
         train_on_prompt: bool = False,
+        samples: int = 4,
+        max_new_tokens: int = 48,
+        packing: bool = False,
     ) -> None:
         self.format = format
         self.chat_template = chat_template
         self.train_on_prompt = train_on_prompt
+        self.samples = samples
+        self.max_new_tokens = max_new_tokens
+        self.packing = packing
+
+    def template(self, tokenizer: Any) -> str:
+        """The chat template conversations are written with: the section's, the tokenizer's, or ChatML."""
+        return self.chat_template or getattr(tokenizer, "chat_template", None) or CHATML
 
     def read(
         self, dataset: Any, text_column: str | None = None, target_column: str | None = None, owner: str = "dataset"
@@ -169,14 +195,17 @@ class CausalLMTask(Task):
         prompt = instruction if not (extra or "").strip() else f"{instruction}\n\n{extra}"
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
-    def encode(self, tokenizer: Any, texts: list[str], targets: list[Any], max_length: int) -> EncodedDataset:
+    def encode(
+        self, tokenizer: Any, texts: list[str], targets: list[Any], max_length: int, owner: str = "dataset"
+    ) -> EncodedDataset:
         """Token ids and per-token targets: the ids themselves where the loss counts, -100 elsewhere
         (the model shifts them by one). Cut at `max_length` tokens; a conversation whose first
-        response would be cut away entirely is an error naming it."""
-        template = self.chat_template or getattr(tokenizer, "chat_template", None) or CHATML
+        response begins after that is skipped and counted (`EncodedDataset.skipped`), and an error
+        naming `owner` when that leaves nothing."""
+        template = self.template(tokenizer)
         cap = max_length * CHARS_PER_TOKEN
-        input_ids, labels = [], []
-        for index, (text, conversation) in enumerate(zip(texts, targets)):
+        input_ids, labels, skipped = [], [], 0
+        for text, conversation in zip(texts, targets):
             if conversation is None:
                 ids = tokenizer(text[:cap], add_special_tokens=False)["input_ids"]
                 if tokenizer.eos_token_id is not None:
@@ -193,14 +222,71 @@ class CausalLMTask(Task):
                 for token, (begin, _) in zip(ids, encoded["offset_mapping"])
             ]
             if all(target == IGNORED_TARGET for target in targets_here[1:]):  # the first token is never predicted
-                raise DatasetError(
-                    f"conversation {index} (starting {text[:40]!r}): its first response begins after "
-                    f"max_length={max_length} tokens, so no response token is left to learn; raise "
-                    f"training.max_length or shorten the prompt"
-                )
+                skipped += 1
+                continue
             input_ids.append(ids)
             labels.append(targets_here)
-        return EncodedDataset(input_ids, labels, torch.long)
+        if not labels:
+            raise DatasetError(
+                f"{owner}: every one of its {len(texts)} conversations has its first response begin after "
+                f"max_length={max_length} tokens, so no response token is left to learn; raise training.max_length "
+                "or shorten the prompts"
+            )
+        encoded = EncodedDataset(input_ids, labels, torch.long, skipped)
+        return pack(encoded, max_length) if self.packing else encoded
+
+    def sample_prompts(self, data: TextDataset, seed: int) -> list[dict[str, Any]]:
+        """`samples` rows of `data` drawn with `seed`, in their order: a conversation up to its last
+        assistant turn ({"messages": [...]}), whose content is the reference; plain text cut after
+        its first half of words ({"text": ...}), the rest the reference."""
+        count = min(self.samples, len(data))
+        chosen = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+        prompts = []
+        for index in chosen:
+            conversation = data.labels[index]
+            if conversation is None:
+                words = data.texts[index].split()
+                half = max(1, len(words) // 2)
+                prompts.append({"text": " ".join(words[:half]), "reference": " ".join(words[half:])})
+                continue
+            last = max(turn for turn, message in enumerate(conversation) if message["role"] == "assistant")
+            prompts.append({"messages": conversation[:last], "reference": conversation[last]["content"]})
+        return prompts
+
+    @torch.no_grad()
+    def generate(
+        self, model: torch.nn.Module, tokenizer: Any, prompts: list[dict[str, Any]], max_length: int, device: str
+    ) -> list[str]:
+        """Greedy responses of up to `max_new_tokens` tokens, one prompt at a time (no padding to
+        get wrong); a conversation is written with its generation prompt (the assistant's header),
+        and its prompt cut from the left to leave room for the response within `max_length`."""
+        from transformers import GenerationConfig
+
+        template = self.template(tokenizer)
+        ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        ends = sorted(end for end in ends if end is not None and end != tokenizer.unk_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (ends or [0])[0]
+        settings = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=ends or None,
+                                    pad_token_id=pad)  # fmt: skip
+        keep = max(1, max_length - self.max_new_tokens)
+        was_training = model.training
+        model.eval()
+        responses = []
+        for prompt in prompts:
+            if "messages" in prompt:
+                text = tokenizer.apply_chat_template(
+                    prompt["messages"], chat_template=template, tokenize=False, add_generation_prompt=True
+                )
+            else:
+                text = prompt["text"]
+            ids = tokenizer(text[-keep * CHARS_PER_TOKEN :], add_special_tokens=False)["input_ids"][-keep:]
+            input_ids = torch.tensor([ids], device=device)
+            output = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=settings
+            )
+            responses.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip())
+        model.train(was_training)
+        return responses
 
     def load_model(self, name_or_path: str, metadata: Any, seed: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -208,10 +294,17 @@ class CausalLMTask(Task):
         return load_pretrained(AutoModelForCausalLM, name_or_path, seed)
 
     def check_model(self, model: torch.nn.Module, metadata: Any, owner: str) -> None:
+        """A causal LM; with `packing`, one whose attention keeps packed examples apart (checked on
+        two short random sequences: packed, each must score as it does alone)."""
         if not is_causal_lm(model):
             raise ModelError(
                 f"{owner}: task causal_lm needs a causal language model (such as AutoModelForCausalLM's), "
                 f"got {type(model).__name__}"
+            )
+        if self.packing and not keeps_packed_examples_apart(model):
+            raise ModelError(
+                f"{owner}: with task.packing, {type(model).__name__} (attention {model.config._attn_implementation}) "
+                "lets packed examples attend to each other; set task.packing: false"
             )
 
     @torch.no_grad()
@@ -227,7 +320,7 @@ class CausalLMTask(Task):
             batch = {key: value.to(device) for key, value in batch.items()}
             tokens = int((batch["labels"][:, 1:] != IGNORED_TARGET).sum())
             if tokens:
-                total += float(model(**batch).loss) * tokens
+                total += float(model(**batch, **forward_options(batch)).loss) * tokens
                 counted += tokens
         model.train(was_training)
         if counted == 0:

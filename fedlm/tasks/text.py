@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger("fedlm")
 
 IGNORED_TARGET = -100
 """The target of a token the loss skips (transformers' ignore index): prompts, padding."""
@@ -14,14 +17,69 @@ IGNORED_TARGET = -100
 class EncodedDataset:
     """Token ids per example (unpadded) and each example's target: one value (a class id, a
     number, ...) or one per token (a list as long as its ids: next-token targets, tags), batched
-    as a tensor of `label_dtype` under the key "labels" (what transformers' heads take)."""
+    as a tensor of `label_dtype` under the key "labels" (what transformers' heads take).
+    `skipped`: how many rows were left out because no target fits in the maximum length.
+    `segments`: for packed rows (several examples in one sequence, `pack`), each row's example
+    lengths; None when every row is one example."""
 
     input_ids: list[list[int]]
     labels: list
     label_dtype: torch.dtype = torch.long
+    skipped: int = 0
+    segments: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def num_examples(self) -> int:
+        """The examples the rows hold (more than the rows when packed)."""
+        return len(self) if self.segments is None else sum(len(lengths) for lengths in self.segments)
+
+
+def pack(data: EncodedDataset, max_length: int) -> EncodedDataset:
+    """Examples with per-token targets packed, in order, into rows of at most `max_length` tokens
+    (a row takes the next example while it fits). Each example's first token gets no target: in a
+    packed row it would be predicted from the previous example's last token. `batches` gives each
+    example its own position ids, from which transformers masks attention between examples."""
+    rows: list[list[int]] = []
+    targets: list[list[int]] = []
+    segments: list[list[int]] = []
+    for ids, labels in zip(data.input_ids, data.labels):
+        if not rows or len(rows[-1]) + len(ids) > max_length:
+            rows.append([])
+            targets.append([])
+            segments.append([])
+        rows[-1] += ids
+        targets[-1] += [IGNORED_TARGET, *labels[1:]]
+        segments[-1].append(len(ids))
+    return EncodedDataset(rows, targets, data.label_dtype, data.skipped, segments)
+
+
+def forward_options(batch: dict[str, torch.Tensor]) -> dict[str, bool]:
+    """What a model's forward pass needs besides the batch: no KV cache for packed rows, since
+    transformers isolates packed examples (by their position ids) only when it builds no cache."""
+    return {"use_cache": False} if "position_ids" in batch else {}
+
+
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """`order` regrouped so that each run of `batch_size` holds examples of similar lengths (less
+    padding): windows of 50 batches sorted by length, cut into batches, the batches shuffled."""
+    window = 50 * batch_size
+    grouped = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda index: -lengths[index])
+        grouped += [chunk[at : at + batch_size] for at in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(grouped), generator=generator).tolist()
+    return [index for position in shuffled for index in grouped[position]]
+
+
+def report_skipped(data: EncodedDataset, rows: int, owner: str, max_length: int) -> None:
+    """Log, naming `owner`, how many of its `rows` encoding skipped (`EncodedDataset.skipped`)."""
+    logger.warning(
+        "%s: %d of %d examples skipped: none of their target tokens fits in training.max_length=%d tokens "
+        "(raise it to keep them)", owner, data.skipped, rows, max_length,
+    )  # fmt: skip
 
 
 CHARS_PER_TOKEN = 64
@@ -48,7 +106,8 @@ def encode(
 
 def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int] | None = None):
     """Yield dicts of padded tensors (input_ids, attention_mask, labels), padded to the batch's
-    longest; per-token targets are padded with IGNORED_TARGET."""
+    longest; per-token targets are padded with IGNORED_TARGET. Packed rows come with position_ids
+    (counting from 0 in each example and in the padding) instead of an attention mask."""
     order = list(range(len(data))) if order is None else order
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
@@ -65,4 +124,11 @@ def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int]
                 labels[row, : len(data.labels[index])] = torch.tensor(data.labels[index], dtype=data.label_dtype)
         else:
             labels = torch.tensor([data.labels[i] for i in chosen], dtype=data.label_dtype)
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if data.segments is None:
+            yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+            continue
+        positions = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, index in enumerate(chosen):
+            lengths = [*data.segments[index], width - len(data.input_ids[index])]
+            positions[row] = torch.cat([torch.arange(length) for length in lengths])
+        yield {"input_ids": input_ids, "position_ids": positions, "labels": labels}

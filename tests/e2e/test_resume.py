@@ -15,7 +15,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import make_records
+from conftest import make_conversations, make_records
 from fedlm.config import parse_config
 from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation, run_federation
@@ -38,11 +38,27 @@ def checkpoint_round(folder):
         return -1
 
 
+def decoder_config(data, tiny_llama_dir, folder):
+    """`data` turned into dialogue tuning of the tiny Llama with LoRA, packing, a cosine learning
+    rate and samples."""
+    chats = folder / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps(row) for row in make_conversations(160, seed=1)))
+    data["model"]["name"], data["data"]["dataset"] = str(tiny_llama_dir), str(chats)
+    data["task"] = {"kind": "causal_lm", "packing": True, "samples": 2, "max_new_tokens": 8}
+    data["peft"] = {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    data["training"].update(lr_schedule="cosine", max_length=64)
+    return data
+
+
 @pytest.mark.parametrize("strategy", [{"kind": "fedadam", "server_lr": 0.01}, {"kind": "scaffold"}])
-def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, strategy):
+def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, tiny_llama_dir, strategy):
+    """FedAdam's moments on a decoder's LoRA adapters (packing, a cosine learning rate and samples),
+    SCAFFOLD's control variates on the classifier."""
     data = config_data_factory(num_clients=4, rounds=6, strategy=strategy, federation={"clients_per_round": 3})
     if strategy["kind"] == "scaffold":
         data["training"]["optimizer"] = "sgd"
+    else:
+        data = decoder_config(data, tiny_llama_dir, tmp_path)
     data["training"].update(local_epochs=1, threads=1)  # one thread here and in the killed run's process
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     run_federation(build_simulation(parse_config({**data, "output_dir": str(straight / "out")})))
@@ -81,6 +97,9 @@ def test_killed_run_resumes_bit_for_bit(tmp_path, config_data_factory, strategy)
     for straight_line, resumed_line in zip(metrics[0], metrics[1], strict=True):
         expected, actual = comparable(straight_line), comparable(resumed_line)
         assert_close(actual, expected, f"round {expected['round']}")
+    if "task" in data:
+        samples = [(folder / "out" / "samples" / "round_6.jsonl").read_text() for folder in (straight, interrupted)]
+        assert samples[0] == samples[1]
 
 
 def assert_close(actual, expected, where):

@@ -54,7 +54,7 @@ def test_models_with_different_federated_parameters_are_rejected(tmp_path, load_
 def test_unknown_model_and_dataset_names():
     from fedlm.data import load_bundled_dataset
 
-    with pytest.raises(ModelError, match=r"unknown model 'gpt-17'.*\['minilm'\]"):
+    with pytest.raises(ModelError, match=r"unknown model 'gpt-17'.*\['minilm', 'smollm2-135m'\]"):
         load_classifier("gpt-17", 2, seed=0)
     with pytest.raises(DatasetError, match=r"unknown dataset name 'imdbb'.*'bbc-news'"):
         load_bundled_dataset("imdbb")

@@ -34,8 +34,9 @@ def simulate(tiny_llama_dir, chats, output_dir, rounds=3, **sections):
         },
         "federation": {"rounds": rounds},
         "training": {"learning_rate": 1e-2, "max_length": 64, "batch_size": 8, "threads": 1},
-        **sections,
     }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
     return run_federation(build_simulation(parse_config(config)))
 
 
@@ -48,6 +49,37 @@ def test_federated_dialogue_tuning_lowers_validation_perplexity_every_round(tiny
     clients = [item["perplexity"] for item in last["client_test"]]
     assert last["client_perplexity_worst"] == max(clients)  # lower is better: the worst is the highest
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+    # the same four validation prompts answered after every round (round 0: the initial model)
+    samples = [
+        [json.loads(line) for line in (tmp_path / "run" / "samples" / f"round_{n}.jsonl").read_text().splitlines()]
+        for n in range(4)
+    ]
+    assert all(len(round_samples) == 4 for round_samples in samples)
+    assert all(
+        [s["messages"] for s in round_samples] == [s["messages"] for s in samples[0]] for round_samples in samples
+    )
+    assert samples[0][0]["messages"][-1]["role"] == "user"
+    assert last["sample"] == samples[3][0]["response"]
+
+    def overlap(round_samples):  # share of the reference words the responses contain
+        words = [(set(s["reference"].split()), set(s["response"].split())) for s in round_samples]
+        return sum(len(reference & response) / len(reference) for reference, response in words) / len(words)
+
+    assert overlap(samples[0]) == 0 < overlap(samples[3]), [s["response"] for s in samples[3]]
+
+
+def test_packed_length_grouped_tuning_with_a_cosine_learning_rate_lowers_perplexity(tiny_llama_dir, chats, tmp_path):
+    history = simulate(
+        tiny_llama_dir, chats, tmp_path / "run", task={"packing": True, "samples": 0},
+        training={"group_by_length": True, "lr_schedule": "cosine", "batch_size": 2},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert all(later < earlier for earlier, later in zip(perplexity, perplexity[1:])), perplexity
+    assert perplexity[-1] < perplexity[0] / 2, perplexity
+    assert history[0]["train_examples"] == 240 - 48 - 39  # every training conversation, packed or not
+    assert [record["learning_rate"] for record in history] == pytest.approx([1e-2, 7.5e-3, 2.5e-3])
+    assert not (tmp_path / "run" / "samples").exists()
 
 
 @pytest.mark.parametrize("aggregation", ["fedit", "ffa", "svd", "stack"])

@@ -146,3 +146,48 @@ def test_strategies_plug_into_the_seed_api(load_tiny, strategy):
     server.aggregate_parameters()
     server.broadcast_model()
     assert clients[0]._instructions.config.get("proximal_mu") == getattr(strategy, "mu", None)
+
+
+def test_the_server_sends_each_rounds_learning_rate_and_clients_train_with_it(config_data_factory, load_tiny):
+    from fedlm.config import parse_config
+    from fedlm.runtime import build_simulation
+
+    data = config_data_factory(num_clients=2, rounds=3, training={"lr_schedule": "cosine", "local_epochs": 1})
+    history = build_simulation(parse_config(data)).server.fit(rounds=3)
+    # 0.5 * 3e-3 * (1 + cos(pi * (r - 1) / 3)) for rounds 1, 2, 3
+    assert [record["learning_rate"] for record in history] == pytest.approx([3e-3, 2.25e-3, 7.5e-4])
+
+    model = load_tiny()
+    start = FedClient(make_records(20, 0), model, name="a").get_parameters().clone()
+    instructions = {"round": 1, "epochs": 1, "seed": 0}
+    scheduled = FedClient(make_records(20, 0), model, name="a", **FAST)
+    delta = scheduled.fit(FitIns(start, {**instructions, "learning_rate": 7.5e-4})).delta
+    given = FedClient(make_records(20, 0), model, name="a", **{**FAST, "learning_rate": 7.5e-4})
+    assert torch.equal(delta, given.fit(FitIns(start, instructions)).delta)
+    assert not torch.equal(delta, scheduled.fit(FitIns(start, instructions)).delta)  # FAST's 3e-3
+
+
+def test_a_communication_budget_ends_the_run_cleanly_and_a_larger_one_resumes_it(config_data_factory, tmp_path):
+    import json
+
+    from fedlm.config import parse_config
+    from fedlm.runtime import build_simulation, run_federation
+
+    def run(budget, resume=False):
+        data = config_data_factory(num_clients=2, rounds=3, federation={"max_total_bytes": budget})
+        return run_federation(build_simulation(parse_config(data)), resume=resume)
+
+    def summary():
+        return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    (first,) = run(1)  # round 1 always runs: nothing to estimate it from
+    size = first["bytes_up"] + first["bytes_down"]
+    assert summary()["stopped"].startswith("communication budget: round 2 would exceed federation.max_total_bytes 1 ")
+    assert summary()["communication_budget"] == {"max_total_bytes": 1, "training_rounds_bytes": size}
+    assert (tmp_path / "run" / "model").exists()
+    # a larger budget on resume: room for one more round of that size, not two
+    resumed = run(int(2.5 * size), resume=True)
+    assert [record["round"] for record in resumed] == [1, 2]
+    assert "round 3 would exceed federation.max_total_bytes" in summary()["stopped"]
+    spent = sum(record["bytes_up"] + record["bytes_down"] for record in resumed)
+    assert summary()["communication_budget"]["training_rounds_bytes"] == spent <= 2.5 * size
