@@ -555,6 +555,9 @@ class DistillationConfig(DistillationTraining):
         "logits", description="what clients send: logits, or probabilities at the temperature"
     )
     digest_epochs: int = Field(0, ge=0, description="FedMD's digest: epochs clients distil from the last consensus")
+    top_k: int = Field(
+        16, ge=1, le=1024, description="decoders (task causal_lm): the next tokens per position each client sends"
+    )
 
 
 class EnsembleDistillationConfig(DistillationTraining):
@@ -739,6 +742,8 @@ class RunConfig(Section):
     def _distillation_fits(self) -> RunConfig:
         if isinstance(self.algorithm, DistillationConfig) and self.peft is not None:
             raise ValueError("algorithm distillation trains whole client models; remove peft (adapters are averaged)")
+        if isinstance(self.algorithm, DistillationConfig) and self.task.kind == "causal_lm":
+            self._check_decoder_distillation(self.algorithm)
         if self.dp is not None:
             if isinstance(self.algorithm, DistillationConfig) and self.algorithm.client_output != "probabilities":
                 raise ValueError(
@@ -801,6 +806,24 @@ class RunConfig(Section):
                 "gradient as one example's: its privacy guarantee would not hold; remove one of them"
             )
         return self
+
+    def _check_decoder_distillation(self, algorithm: DistillationConfig) -> None:
+        """Distillation of decoders sends top-k log-probabilities and trains the student on them: the
+        options made for class probabilities do not apply."""
+        problems = {
+            "client_output: probabilities (decoders send their top-k log-probabilities: leave it at logits)": (
+                algorithm.client_output != "logits"
+            ),
+            "digest_epochs > 0 (no digest step for decoders)": algorithm.digest_epochs > 0,
+            "weighting other than examples (it weighs class distributions)": algorithm.weighting != "examples",
+            "hard_label_weight > 0 (the public responses are the student's targets only through the clients)": (
+                algorithm.hard_label_weight > 0
+            ),
+            "dp (top-k token ids cannot be clipped and noised as one vector)": self.dp is not None,
+        }
+        refused = [problem for problem, present in problems.items() if present]
+        if refused:
+            raise ValueError(f"algorithm distillation with task causal_lm does not take {'; '.join(refused)}")
 
     def _check_summed_updates(self, section: str) -> None:
         needs_updates = {

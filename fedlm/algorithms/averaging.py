@@ -41,6 +41,10 @@ class WeightAveraging:
     def upload_numel(self, model: GlobalModel, name: str | None = None) -> int:
         return model.upload_numel(name)
 
+    def check_update(self, model: GlobalModel, update: ClientUpdate) -> None:
+        """What the validation gate cannot know about an update (its values' meaning): nothing to check."""
+        return None
+
     def aggregate(
         self,
         model: GlobalModel,

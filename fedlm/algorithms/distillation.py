@@ -190,6 +190,10 @@ class FederatedDistillation:
     def upload_numel(self, model: GlobalModel, name: str | None = None) -> int:
         return len(self.public.texts) * num_classes(model)
 
+    def check_update(self, model: GlobalModel, update: ClientUpdate) -> None:
+        """Any finite logits or probabilities (the gate checked that) make soft labels."""
+        return None
+
     def aggregate(
         self,
         model: GlobalModel,

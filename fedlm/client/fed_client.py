@@ -29,7 +29,7 @@ from fedlm.privacy.dp_sgd import accountant_from, steps_tensor
 from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
 from fedlm.tasks import Task, task_for, task_of_model
-from fedlm.tasks.distillation import distil, predict_logits
+from fedlm.tasks.distillation import TOP_K_TOKENS, distil, predict_logits, predict_top_k, vocabulary_fingerprint
 from fedlm.tasks.text import EncodedDataset, encode, report_skipped
 
 
@@ -95,6 +95,7 @@ class FedClient:
         self.residual: torch.Tensor | None = None  # what error feedback has not sent yet
         self.local_parameters: torch.Tensor | None = None  # its own model, in federated distillation
         self.public_texts: list[str] | None = None  # the public set it predicts on, in distillation
+        self.public_targets: list[Any] | None = None  # a decoder's public conversations
         self.sample_privacy: PrivacyAccountant | None = None  # DP-SGD's steps so far, all rounds
         # what the update channels keep on this client, by channel kind (`fedlm.channels`): this
         # round's secure aggregation secrets, the CKKS secret key the clients share
@@ -212,10 +213,12 @@ class FedClient:
             set_federated_vector(self.model, self.local_parameters)
         return self.get_parameters()
 
-    def join_distillation(self, public_texts: list[str]) -> None:
-        """Take part in federated distillation: predict on `public_texts`, and keep this client's
-        own model from its current parameters on."""
+    def join_distillation(self, public_texts: list[str], public_targets: list[Any] | None = None) -> None:
+        """Take part in federated distillation: predict on `public_texts` (for a decoder, with
+        `public_targets`, the conversations as its task read them), and keep this client's own
+        model from its current parameters on."""
         self.public_texts = list(public_texts)
+        self.public_targets = None if public_targets is None else list(public_targets)
         self.local_parameters = self.get_parameters()
 
     # ---- the seed API ------------------------------------------------------------------------
@@ -277,6 +280,11 @@ class FedClient:
         schedule = {key: ins.config[key] for key in ("learning_rate",) if key in ins.config}
         result = self._train(FitIns(received, schedule), received, int(ins.config.get("epochs", 1)), seed)
         self.local_parameters = self.get_parameters()
+        if settings["output"] == "top_k":  # a decoder: its k likeliest next tokens at each public target
+            values, tokens = predict_top_k(self.model, public, settings["top_k"], settings["temperature"],
+                                           self.options.batch_size, self._pad_id(), self.options.device)  # fmt: skip
+            extras = {TOP_K_TOKENS: tokens.reshape(-1).float()}  # ids below 2^24: exact in float32
+            return FitRes(values.reshape(-1), result.num_examples, result.metrics, extras)
         outputs = predict_logits(self.model, public, self.options.batch_size, self._pad_id(), self.options.device)
         if settings["output"] == "probabilities":
             outputs = soften(outputs, settings["temperature"]).float()
@@ -294,7 +302,21 @@ class FedClient:
                 f"server's ({settings['public_examples']} texts, fingerprint {settings['public_fingerprint']}); every "
                 "participant must load the same public_data"
             )
-        return encode(self.tokenizer, self.public_texts, [-1] * len(self.public_texts), self.options.max_length)
+        if settings["output"] != "top_k":
+            return encode(self.tokenizer, self.public_texts, [-1] * len(self.public_texts), self.options.max_length)
+        vocabulary = vocabulary_fingerprint(self.tokenizer)
+        if vocabulary != settings["vocabulary"]:
+            raise ConfigError(
+                f"client {self.name}: its tokenizer's vocabulary (fingerprint {vocabulary}) is not the student's "
+                f"({settings['vocabulary']}); distillation of decoders needs every decoder to share the student's"
+            )
+        return self.task.encode(
+            self.tokenizer,
+            self.public_texts,
+            self.public_targets,
+            self.options.max_length,
+            f"client {self.name} public set",
+        )
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""

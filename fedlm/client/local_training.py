@@ -38,6 +38,8 @@ class TrainingOptions:
     device: str = "cpu"
     optimizer: Literal["adamw", "sgd"] = "adamw"
     group_by_length: bool = False  # batches of examples of similar lengths (less padding)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forward pass (fp16: CUDA only)
     # sample-level DP: train with DP-SGD (per-example clipping replaces max_grad_norm)
     dp_sgd: SampleLevelDP | None = None
 
@@ -55,6 +57,54 @@ class TrainingOptions:
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"mixed_precision must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f"mixed_precision fp16 needs a CUDA device (loss scaling), and training.device is {self.device}: "
+                "use bf16, or no"
+            )
+        if self.mixed_precision != "no" and self.dp_sgd is not None:
+            raise ConfigError("DP-SGD (Opacus) computes per-example gradients in float32: set mixed_precision: no")
+
+
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MixedPrecision:
+    """The forward pass autocast to bf16 or fp16 on the training device (parameters, gradients
+    and the optimizer stay float32); fp16's small range needs loss scaling (a GradScaler)."""
+
+    def __init__(self, kind: str, device: str) -> None:
+        self.dtype = PRECISIONS[kind]
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if kind == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """The gradients at their true scale, before hooks and clipping see them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:  # skips the step when the scaled gradients overflowed, and adapts the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing (non-reentrant: works with frozen inputs, as under LoRA)."""
+    if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "get_base_model"):
+        raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing: set it to false")
+    if not getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class TrainingHook(Protocol):
@@ -147,6 +197,9 @@ def train_locally(
     shuffled batches seeded by `seed` (dropout too), or DP-SGD's Poisson-sampled steps."""
     params = [param for param in model.parameters() if param.requires_grad]
     optimizer = make_optimizer(params, options)
+    precision = MixedPrecision(options.mixed_precision, options.device)
+    if options.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     private = None
     if options.dp_sgd is not None and data.segments is not None:
         raise ConfigError(
@@ -166,17 +219,19 @@ def train_locally(
             for batch in _batches(data, epochs, generator, private, options.batch_size, pad_id, lengths):
                 if batch is not None:
                     batch = {key: value.to(options.device) for key, value in batch.items()}
-                    loss = model(**batch, **forward_options(batch)).loss if private is None else private.loss(batch)
-                    loss.backward()
+                    with precision.autocast():
+                        loss = model(**batch, **forward_options(batch)).loss if private is None else private.loss(batch)
+                    precision.backward(loss)
                     loss_sum += loss.detach() * len(batch["labels"])
                     seen += len(batch["labels"])
                 if private is not None:  # per-example clipping and noise, before any other change
                     private.noisy_gradients(sampled_nothing=batch is None)
+                precision.unscale(optimizer)
                 for hook in hooks:
                     hook.adjust_gradients(params)
                 if private is None and options.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-                optimizer.step()
+                precision.step(optimizer)
                 (optimizer if private is None else private.optimizer).zero_grad(set_to_none=True)
                 step += 1
                 if step_callback is not None:

@@ -83,3 +83,39 @@ def fingerprint(texts: list[str]) -> str:
         digest.update(text.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def merge_top_k(
+    indices: list[torch.Tensor], log_probabilities: list[torch.Tensor], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clients' top-k next-token distributions (each positions x k: token ids and their
+    log-probabilities) merged into one sparse distribution per position: each client's
+    probabilities weighted by its share of `weights`, summed per token over the union of the
+    clients' top-k tokens, and renormalised over that union. Returns (token ids, probabilities),
+    both positions x U, U the largest union; a shorter union is padded with token 0 at
+    probability 0."""
+    if not indices:
+        raise ValueError("no client distributions to merge")
+    shares = torch.tensor(weights, dtype=torch.float64)
+    shares = shares / shares.sum()
+    ids = torch.cat(indices, dim=1)
+    probabilities = torch.cat([lp.double().exp() * share for lp, share in zip(log_probabilities, shares)], dim=1)
+    sorted_ids, order = ids.sort(dim=1)
+    sorted_probabilities = probabilities.gather(1, order)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    slot = starts.long().cumsum(dim=1) - 1  # each entry's place in its position's union
+    width = int(slot.max()) + 1
+    merged = torch.zeros(ids.shape[0], width, dtype=torch.float64).scatter_add_(1, slot, sorted_probabilities)
+    tokens = torch.zeros(ids.shape[0], width, dtype=torch.long).scatter_(1, slot, sorted_ids)
+    return tokens, merged / merged.sum(dim=1, keepdim=True)
+
+
+def sparse_distillation_loss(
+    student_logits: torch.Tensor, tokens: torch.Tensor, probabilities: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T^2 cross-entropy of softmax(student / T) (positions x vocabulary) against the teacher's
+    sparse distributions (`merge_top_k`'s tokens and probabilities), averaged over positions:
+    KL(teacher || student) but for the teacher's entropy, which does not depend on the student."""
+    log_student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(1, tokens)
+    return -(probabilities.to(log_student.dtype) * log_student).sum(dim=-1).mean() * temperature**2

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from fedlm.algorithms import DistillationSettings, EnsembleDistillation, FederatedDistillation
+from fedlm.algorithms import DecoderDistillation, DistillationSettings, EnsembleDistillation, FederatedDistillation
 from fedlm.channels import HomomorphicAggregation, PlainChannel, SecureAggregation, UpdateChannel
 from fedlm.config import (
     AdapterConfig,
+    DistillationConfig,
     EnsembleDistillationConfig,
     Ia3Config,
     LoraConfig,
@@ -272,13 +273,21 @@ def build_algorithm(
     settings = config.algorithm
     if settings is None:
         return None
-    if not task.class_labels:
+    decoders = task.kind == "causal_lm" and isinstance(settings, DistillationConfig)
+    if not task.class_labels and not decoders:
         raise ConfigError(
             f"algorithm {settings.kind} distils class probabilities, and task {task.kind!r} has no class labels; "
-            "remove the algorithm section (weight averaging) or use a classification task"
+            "remove the algorithm section (weight averaging), or use a classification task (or, for decoders, "
+            "algorithm distillation)"
         )
-    public = load_public_data(config, held_out_public)
+    public = load_public_data(config, task, held_out_public)
     training = settings.model_dump(include=set(DistillationSettings.__dataclass_fields__))
+    if decoders:
+        student_name = settings.student or config.model.name
+        student = task.load_model(student_name, metadata, seed=derive_seed(config.seed, "student"))
+        check_max_length(config, student, student_name)
+        options = {key: training[key] for key in ("temperature", "weighting", "epochs", "learning_rate", "batch_size")}
+        return DecoderDistillation(public, student, load_tokenizer(student_name), top_k=settings.top_k, **options)
     columns = {"text_column": settings.public_data.text_column, "label_column": settings.public_data.label_column}
     if isinstance(settings, EnsembleDistillationConfig):
         return EnsembleDistillation(public, **columns, **training)

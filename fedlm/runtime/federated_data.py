@@ -126,9 +126,10 @@ def target_keys(federated: FederatedData, task: Task) -> list[str]:
     return sorted({key for client in federated.clients for key in task.target_keys(client.train.labels)})
 
 
-def load_public_data(config: RunConfig, held_out: TextDataset | None = None) -> TextDataset:
+def load_public_data(config: RunConfig, task: Task, held_out: TextDataset | None = None) -> TextDataset:
     """Distillation's public set: `held_out` of the dataset (`FederatedData.public`), or its own
-    bundled dataset or file, subsampled (seeded) to `max_examples`."""
+    bundled dataset or file, subsampled (seeded) to `max_examples`. Texts (labels optional) for a
+    task of class labels; rows as `task` reads them (a decoder's conversations) for any other."""
     settings = config.algorithm.public_data
     if settings.held_out is not None:
         if held_out is None:
@@ -138,16 +139,20 @@ def load_public_data(config: RunConfig, held_out: TextDataset | None = None) -> 
             )
         public = held_out
     elif settings.dataset in BUNDLED_DATASETS:
-        if BUNDLED_DATASETS[settings.dataset].task != "classification":
+        if BUNDLED_DATASETS[settings.dataset].task != task.kind:
             raise ConfigError(
-                f"algorithm.public_data.dataset {settings.dataset!r} holds {BUNDLED_DATASETS[settings.dataset].task} "
-                "rows; distillation's public set is texts: give a text dataset"
+                f"algorithm.public_data.dataset {settings.dataset!r} holds rows for task "
+                f"{BUNDLED_DATASETS[settings.dataset].task}, and the run's task is {task.kind}: choose another dataset"
             )
         public = load_bundled_dataset(settings.dataset)
-    else:
+        if not task.class_labels:
+            public = task.read(public, owner="algorithm.public_data.dataset")
+    elif task.class_labels:
         public = load_public_set(
             settings.dataset, settings.text_column, settings.label_column, owner="public_data.dataset"
         )
+    else:
+        public = task.read(settings.dataset, settings.text_column, owner="algorithm.public_data.dataset")
     if settings.max_examples is not None and settings.max_examples < len(public):
         generator = torch.Generator().manual_seed(derive_seed(config.seed, "public subset"))
         public = public.subset(

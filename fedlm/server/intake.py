@@ -57,11 +57,13 @@ def gate_replies(
     upload_numel: Callable[[str], int],
     to_global: Callable[[str, torch.Tensor, dict], tuple[torch.Tensor, dict]],
     describe: Callable[[str], str],
+    check: Callable[[ClientUpdate], None] = lambda update: None,
 ) -> tuple[list[ClientUpdate], list[dict[str, str]]]:
     """The replies through the validation gate (`fedlm.gate.checked_update`) into the global layout
-    (`to_global`); under a channel that only delivers the sum (`summed`), their metrics, weighted by
-    the examples the sum was weighted by. A reply that fails the gate, or a reason instead of a
-    reply, drops the client, named."""
+    (`to_global`), then the algorithm's own `check` of what the values mean; under a channel that
+    only delivers the sum (`summed`), their metrics, weighted by the examples the sum was weighted
+    by. A reply that fails the gate or the check (a WireError), or a reason instead of a reply,
+    drops the client, named."""
     updates, dropped = [], []
     for name, reply in replies.items():
         try:
@@ -71,12 +73,14 @@ def gate_replies(
                 updates.append(ClientUpdate(torch.zeros(0), declared.counted(declared.examples[name]), reply.metrics))
                 continue
             delta, examples, metrics, extras = checked_update(reply, upload_numel(name), declared.examples[name])
+            delta, extras = to_global(name, delta, extras)
+            update = ClientUpdate(delta, declared.counted(examples), metrics, extras)
+            check(update)
         except WireError as error:
             logger.warning("round %d: client %s dropped: %s", round_number, describe(name), error)
             dropped.append({"client": name, "reason": str(error)})
             continue
-        delta, extras = to_global(name, delta, extras)
-        updates.append(ClientUpdate(delta, declared.counted(examples), metrics, extras))
+        updates.append(update)
     return updates, dropped
 
 

@@ -251,7 +251,8 @@ class FedServer(SeedApi):
 
     def _gated(self, replies: dict[str, Any], round_number: int) -> tuple[list[ClientUpdate], list[dict[str, str]]]:
         return gate_replies(replies, round_number, self.declared, self.channel.sums, self.upload_numel,
-                            self.global_model.to_global, self.transport.describe)  # fmt: skip
+                            self.global_model.to_global, self.transport.describe,
+                            lambda update: self.algorithm.check_update(self.global_model, update))  # fmt: skip
 
     def _deadline(self) -> float | None:
         return None if self.round_timeout is None else time.monotonic() + self.round_timeout

@@ -187,3 +187,27 @@ def test_a_decoder_with_lora_over_flower_matches_simulation_bit_for_bit(tiny_lla
     for ours, theirs in zip(deployed, read_metrics(simulated)):
         assert ours.get("train_loss") == theirs.get("train_loss")
         assert ours["client_test"] == theirs["client_test"]  # each node's perplexity on its test split
+
+
+def test_distillation_of_decoders_over_flower_matches_simulation_bit_for_bit(tiny_llama_dir, tmp_path):
+    chats = make_conversations(120, seed=3)
+    files = {}
+    for index, name in enumerate(NAMES):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps(row) for row in chats[index:90:3]))
+    public = tmp_path / "public.jsonl"
+    public.write_text("\n".join(json.dumps(row) for row in chats[90:]))
+    config = config_writer(tmp_path, tiny_llama_dir, files)(
+        task={"kind": "causal_lm", "samples": 1, "max_new_tokens": 4},
+        algorithm={"kind": "distillation", "public_data": {"dataset": str(public)}, "top_k": 4, "temperature": 1.0,
+                   "learning_rate": 1e-2},
+        training={"learning_rate": 1e-2, "max_length": 48},
+    )  # fmt: skip
+    run_in_process(config, nodes(files))
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    for ours, theirs in zip(deployed, read_metrics(simulated)):
+        assert ours.get("student_loss") == theirs.get("student_loss")
+        assert ours.get("sample") == theirs.get("sample")

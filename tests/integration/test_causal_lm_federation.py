@@ -120,3 +120,27 @@ def test_the_seed_api_infers_the_task_from_a_causal_lm(tiny_llama_dir, chats, tm
         server.broadcast_model()
     assert server.evaluate(held_out)["perplexity"] < before / 2
     assert type(server.get_model()).__name__ == "LlamaForCausalLM"
+
+
+def test_gradient_checkpointing_keeps_the_update_and_bf16_autocast_comes_close(tiny_llama_dir, chats):
+    import peft
+    import torch
+
+    from fedlm.errors import ConfigError
+
+    rows = [json.loads(line) for line in chats.read_text().splitlines()[:48]]
+
+    def update(adapter=None, **options):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        client = FedClient(rows, model, name="a", max_length=64, learning_rate=1e-2, peft=adapter, **options)
+        start = client.get_parameters().clone()
+        client.local_train()
+        return client.get_parameters() - start
+
+    for adapter in (None, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])):
+        plain = update(adapter)
+        assert torch.allclose(update(adapter, gradient_checkpointing=True), plain, rtol=1e-4, atol=1e-7)
+    plain, bf16 = update(), update(mixed_precision="bf16")
+    assert not torch.equal(bf16, plain) and torch.nn.functional.cosine_similarity(bf16, plain, dim=0) > 0.9
+    with pytest.raises(ConfigError, match="mixed_precision fp16 needs a CUDA device"):
+        FedClient(rows, AutoModelForCausalLM.from_pretrained(tiny_llama_dir), name="a", mixed_precision="fp16")

@@ -174,3 +174,8 @@ def test_configs_whose_rounds_cannot_aggregate_are_refused(data, message):
 )
 def test_rounds_that_can_aggregate_or_depend_on_the_data_pass(data):
     parse_config(data)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml")), ids=str)
+def test_every_example_config_validates(path):
+    assert Path(load_config(path).output_dir).parts[0] == "runs"

@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from fedlm.core.distillation import aggregate_soft_labels, distillation_loss, soften
+from fedlm.core.distillation import (
+    aggregate_soft_labels,
+    distillation_loss,
+    merge_top_k,
+    soften,
+    sparse_distillation_loss,
+)
 
 
 def test_temperature_softens_by_dividing_the_logits():
@@ -49,3 +55,40 @@ def test_kd_loss_is_t_squared_kl_mixed_with_cross_entropy():
     assert float(
         distillation_loss(torch.tensor([[3.0, 1.0]]), soften(torch.tensor([[3.0, 1.0]]), 2.0), 2.0)
     ) == pytest.approx(0, abs=1e-7)
+
+
+def test_top_k_distributions_merge_by_weight_over_the_union_of_their_tokens():
+    # position 0 by hand: A = {3: 0.5, 7: 0.3}, B = {7: 0.6, 9: 0.2}, weighted 1 : 3
+    a_tokens, b_tokens = torch.tensor([[3, 7]]), torch.tensor([[9, 7]])
+    a_values, b_values = torch.tensor([[0.5, 0.3]]).log(), torch.tensor([[0.2, 0.6]]).log()
+    tokens, probabilities = merge_top_k([a_tokens, b_tokens], [a_values, b_values], [1, 3])
+    merged = dict(zip(tokens[0].tolist(), probabilities[0].tolist()))
+    # 3: 0.25 * 0.5, 7: 0.25 * 0.3 + 0.75 * 0.6, 9: 0.75 * 0.2, then / 0.8
+    assert merged == pytest.approx({3: 0.15625, 7: 0.65625, 9: 0.1875})
+
+
+def test_merged_top_k_equals_the_dense_weighted_mean_restricted_to_the_union():
+    generator = torch.Generator().manual_seed(0)
+    positions, vocabulary, k, weights = 6, 40, 5, [2.0, 1.0, 5.0]
+    tokens, values, dense = [], [], torch.zeros(positions, vocabulary, dtype=torch.float64)
+    for weight in weights:
+        log_probabilities = torch.log_softmax(3 * torch.randn(positions, vocabulary, generator=generator), dim=-1)
+        top = log_probabilities.topk(k, dim=-1)
+        tokens.append(top.indices)
+        values.append(top.values)
+        dense.scatter_add_(1, top.indices, top.values.double().exp() * weight / sum(weights))
+    merged_tokens, probabilities = merge_top_k(tokens, values, weights)
+    rebuilt = torch.zeros_like(dense).scatter_add_(1, merged_tokens, probabilities)
+    assert torch.allclose(rebuilt, dense / dense.sum(dim=1, keepdim=True), atol=1e-12)
+    assert ((probabilities > 0).sum(dim=1) == (dense > 0).sum(dim=1)).all()  # padding only at probability 0
+
+
+def test_sparse_kd_loss_is_the_dense_cross_entropy_on_the_teachers_support():
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(4, 30, generator=generator)
+    tokens = torch.tensor([[1, 5, 0], [2, 3, 4], [7, 0, 0], [9, 8, 6]])
+    probabilities = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.1, 0.1, 0.8]])
+    teacher = torch.zeros(4, 30).scatter_add_(1, tokens, probabilities)
+    temperature = 2.0
+    dense = -(teacher * torch.log_softmax(student / temperature, dim=-1)).sum(dim=-1).mean() * temperature**2
+    assert sparse_distillation_loss(student, tokens, probabilities, temperature) == pytest.approx(float(dense))

@@ -218,7 +218,8 @@ class Node:
         )
         client.set_metadata(metadata)
         if isinstance(config.algorithm, DistillationConfig):
-            client.join_distillation(load_public_data(config).texts)
+            public = load_public_data(config, self.task)
+            client.join_distillation(public.texts, None if self.task.class_labels else public.labels)
         return client
 
 
