@@ -189,7 +189,7 @@ def main() -> None:
         if isinstance(result, dict) and "perplexity" in result:
             table.add_row(
                 name, *(f"{p:.2f}" for p in result["perplexity"]),
-                f"{sum(result['bytes_up_per_client']) / len(result['bytes_up_per_client']) / 1e6:.2f} MB",
+                f"{sum(result['bytes_up_per_client']) / len(result['bytes_up_per_client']) / 1e3:,.0f} kB",
                 f"{sum(result['seconds']) / len(result['seconds']):.0f}",
             )  # fmt: skip
     console.print(table)

@@ -103,8 +103,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """transformers' activation checkpointing (non-reentrant: works with frozen inputs, as under LoRA)."""
     if not getattr(model, "supports_gradient_checkpointing", False) and not hasattr(model, "get_base_model"):
         raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing: set it to false")
-    if not getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # idempotent
 
 
 class TrainingHook(Protocol):
