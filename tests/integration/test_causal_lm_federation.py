@@ -82,6 +82,19 @@ def test_packed_length_grouped_tuning_with_a_cosine_learning_rate_lowers_perplex
     assert not (tmp_path / "run" / "samples").exists()
 
 
+def test_dp_sgd_trains_the_decoder_and_accounts_each_clients_epsilon(tiny_llama_dir, chats, tmp_path):
+    """Opacus clips each conversation's gradient of the model's loss (the mean over the batch's
+    response tokens): the guarantee is per conversation."""
+    history = simulate(
+        tiny_llama_dir, chats, tmp_path / "run", rounds=2, task={"samples": 0},
+        training={"dp_sgd": {"noise_multiplier": 0.5, "clip_norm": 1.0}},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert perplexity[1] < perplexity[0], perplexity
+    assert all(set(record["client_dp_sgd_epsilon"]) == {"client-0", "client-1", "client-2"} for record in history)
+    assert 0 < history[0]["dp_sgd_epsilon_max"] < history[1]["dp_sgd_epsilon_max"]
+
+
 @pytest.mark.parametrize("aggregation", ["fedit", "ffa", "svd", "stack"])
 def test_lora_trains_the_decoder_in_every_aggregation_mode(tiny_llama_dir, chats, tmp_path, aggregation):
     """A random-init model's output distribution sits in its tied embeddings, which LoRA leaves
