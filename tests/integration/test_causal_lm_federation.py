@@ -109,6 +109,18 @@ def test_lora_trains_the_decoder_in_every_aggregation_mode(tiny_llama_dir, chats
     assert perplexity[-1] < perplexity[0] * 0.9, perplexity
 
 
+def test_ia3_trains_the_decoder_with_peft_default_modules(tiny_llama_dir, chats, tmp_path):
+    history = simulate(
+        tiny_llama_dir, chats, tmp_path / "run", rounds=2, task={"samples": 0}, peft={"method": "ia3"},
+        training={"learning_rate": 5e-2},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert perplexity[1] < perplexity[0], perplexity
+    # only the rescaling vectors travel: the 2 layers' key and value outputs (16 each, one key-value
+    # head) and down projection inputs (64), float32, and a header
+    assert 4 * 2 * (16 + 16 + 64) < history[0]["client_bytes"]["client-0"]["up"] < 4 * 2 * (16 + 16 + 64) + 1024
+
+
 def test_the_seed_api_infers_the_task_from_a_causal_lm(tiny_llama_dir, chats, tmp_path):
     rows = [json.loads(line) for line in chats.read_text().splitlines()]
     for index in range(2):
