@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedlm.algorithms.distillation import FederatedDistillation
-from fedlm.core.distillation import fingerprint, merge_top_k
+from fedlm.core.distillation import merge_top_k
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import Strategy
 from fedlm.core.update import ClientUpdate
@@ -75,7 +75,7 @@ class DecoderDistillation(FederatedDistillation):
             "top_k": self.top_k,
             "digest_epochs": 0,
             "public_examples": len(self.public.texts),
-            "public_fingerprint": fingerprint(self.public.texts),
+            "public_fingerprint": self.public.fingerprint,
             "vocabulary": self.vocabulary,
         }
 

@@ -92,10 +92,15 @@ def distil(
     return loss_sum / len(data)
 
 
+def target_counts(data: EncodedDataset) -> list[int]:
+    """How many tokens of each row of `data` a causal LM predicts (targets other than
+    IGNORED_TARGET, the first of each row left out: nothing comes before it)."""
+    return [sum(1 for target in labels[1:] if target != IGNORED_TARGET) for labels in data.labels]
+
+
 def target_positions(data: EncodedDataset) -> int:
-    """How many tokens of `data` a causal LM predicts (targets other than IGNORED_TARGET, the
-    first of each row left out: nothing comes before it)."""
-    return sum(sum(1 for target in labels[1:] if target != IGNORED_TARGET) for labels in data.labels)
+    """How many tokens of `data` a causal LM predicts, over all its rows."""
+    return sum(target_counts(data))
 
 
 def _next_token_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> torch.Tensor:
@@ -146,7 +151,7 @@ def distil_tokens(
     """Train a causal LM on `data` towards the sparse next-token distributions (`tokens`,
     `probabilities`: one row per target position of `data`, in order) with the token-level KD
     loss at `temperature`. Returns the mean loss over the last epoch's positions."""
-    counts = [sum(1 for target in labels[1:] if target != IGNORED_TARGET) for labels in data.labels]
+    counts = target_counts(data)
     if tokens.shape[0] != sum(counts):
         raise ValueError(f"{tokens.shape[0]} soft targets for {sum(counts)} target positions")
     offsets = [0]
