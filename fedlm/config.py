@@ -10,7 +10,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -309,6 +309,8 @@ class TaskBase(Section):
     (`fedlm.tasks.TASKS`); a task's options are its section's other fields."""
 
     kind: str = Field(description="the task: a registered name (classification, or a plug-in's)")
+    # the `peft` section a run of this task gets when its config has none and averages weights
+    default_peft: ClassVar[dict[str, Any] | None] = None
 
 
 class ClassificationTaskConfig(TaskBase):
@@ -319,6 +321,7 @@ class CausalLMTaskConfig(TaskBase):
     """Instruction and dialogue tuning of a decoder (fedlm.tasks.causal_lm)."""
 
     kind: Literal["causal_lm"] = "causal_lm"
+    default_peft: ClassVar[dict[str, Any] | None] = {"method": "lora"}
     format: Literal["auto", "messages", "instruction", "text"] = Field(
         "auto",
         description="the rows: messages (chat turns), instruction/input/output (Alpaca), or text; auto detects it from the columns",
@@ -335,6 +338,11 @@ class CausalLMTaskConfig(TaskBase):
         False,
         description="pack several examples into each sequence of up to max_length tokens, attention kept within "
         "each example (checked on the model); batch_size then counts packed sequences",
+    )
+    rouge_l: bool = Field(
+        False,
+        description="score each sample response against its reference with ROUGE-L (F-measure, the rouge-score "
+        "package: pip install 'fedlm[rouge]'); rounds record the mean as sample_rouge_l",
     )
 
 
@@ -697,7 +705,11 @@ class RunConfig(Section):
         FedAvgConfig(), description="the server's aggregation strategy: kind (a registered name) and its options"
     )
     training: TrainingConfig = TrainingConfig()
-    peft: AdapterConfig | None = Field(None, description="train and federate a PEFT adapter instead of all weights")
+    peft: AdapterConfig | None = Field(
+        None,
+        description="train and federate a PEFT adapter instead of all weights; omitted: LoRA for a causal_lm task "
+        "averaged by a strategy, none otherwise; null: all weights",
+    )
     communication: CommunicationConfig = CommunicationConfig()
     deployment: DeploymentConfig = DeploymentConfig()
     algorithm: AlgorithmConfig | None = Field(
@@ -731,6 +743,17 @@ class RunConfig(Section):
         if self.task == ClassificationTaskConfig():
             data.pop("task", None)
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_default_peft(cls, data: Any) -> Any:
+        # a decoder is tuned through LoRA unless the config says otherwise (`peft: null`: all
+        # weights); distillation trains whole client models
+        if not isinstance(data, dict) or "peft" in data or data.get("algorithm") is not None:
+            return data
+        task = data.get("task")
+        section = TASK_SECTIONS.get(task.get("kind") if isinstance(task, dict) else getattr(task, "kind", None))
+        return data if section is None or section.default_peft is None else {**data, "peft": section.default_peft}
 
     @model_validator(mode="after")
     def _known_version(self) -> RunConfig:

@@ -233,14 +233,19 @@ def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:
 
 def write_samples(server: FedServer, prompts: list[dict[str, Any]], output: Path, round_number: int) -> dict:
     """The global model's responses to `prompts`, one JSON object a line (the prompt, its reference,
-    the response) in samples/round_N.jsonl; the record's "sample" (the first response, shortened)
-    and "sample_seconds"."""
+    the response and the task's scores of it) in samples/round_N.jsonl; the record's "sample" (the
+    first response, shortened), "sample_seconds", and each score's mean as "sample_<score>"."""
     start = time.perf_counter()
     responses = server.global_model.generate(prompts)
-    lines = [json_text({**prompt, "response": response}) + "\n" for prompt, response in zip(prompts, responses)]
+    scores = server.global_model.task.score_samples(prompts, responses)
+    lines = [
+        json_text({**prompt, "response": response, **score}) + "\n"
+        for prompt, response, score in zip(prompts, responses, scores)
+    ]
     (output / "samples").mkdir(exist_ok=True)
     write_atomic(output / "samples" / f"round_{round_number}.jsonl", "".join(lines))
-    return {"sample": shortened(responses[0]), "sample_seconds": time.perf_counter() - start}
+    means = {f"sample_{name}": sum(score[name] for score in scores) / len(scores) for name in scores[0]}
+    return {"sample": shortened(responses[0]), **means, "sample_seconds": time.perf_counter() - start}
 
 
 def shortened(text: str, limit: int = SAMPLE_CHARACTERS) -> str:
@@ -415,7 +420,15 @@ def round_line(record: dict[str, Any], rounds: int, task: Task) -> str:
     if record.get("skipped"):
         parts.append("skipped: too few valid updates")
     line = "  ".join(parts)
-    return line if "sample" not in record else f"{line}\n  sample: {record['sample']!r}"
+    if "sample" not in record:
+        return line
+    scores = [
+        f"{key.removeprefix('sample_')} {value:.3f}"
+        for key, value in record.items()
+        if key.startswith("sample_") and key != "sample_seconds"
+    ]
+    means = f" (mean {', '.join(scores)})" if scores else ""
+    return f"{line}\n  sample{means}: {record['sample']!r}"
 
 
 def abbreviated(metric: str) -> str:

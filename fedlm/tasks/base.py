@@ -116,3 +116,8 @@ class Task(ABC):
     ) -> list[str]:
         """`model`'s response to each of `sample_prompts`'s prompts (deterministic: greedy decoding)."""
         raise NotImplementedError(f"task {self.kind} does not generate text, so it has no sample prompts")
+
+    def score_samples(self, prompts: list[dict[str, Any]], responses: list[str]) -> list[dict[str, float]]:
+        """Each response's scores against its prompt's "reference" (e.g. {"rouge_l": 0.4}); none by
+        default."""
+        return [{} for _ in responses]

@@ -15,6 +15,7 @@ mean loss over all labelled tokens of a dataset (token-weighted) and its exponen
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from typing import Any, ClassVar, Literal
@@ -22,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from fedlm.data.dataset import TextDataset, read_columns
-from fedlm.errors import DatasetError, ModelError
+from fedlm.errors import ConfigError, DatasetError, ModelError
 from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
 from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches, forward_options, pack
@@ -135,7 +136,14 @@ class CausalLMTask(Task):
         samples: int = 4,
         max_new_tokens: int = 48,
         packing: bool = False,
+        rouge_l: bool = False,
     ) -> None:
+        if rouge_l and importlib.util.find_spec("rouge_score") is None:
+            raise ConfigError(
+                "task.rouge_l scores the samples with the rouge-score package, which is not installed: "
+                "pip install 'fedlm[rouge]'"
+            )
+        self.rouge_l = rouge_l
         self.format = format
         self.chat_template = chat_template
         self.train_on_prompt = train_on_prompt
@@ -287,6 +295,19 @@ class CausalLMTask(Task):
             responses.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip())
         model.train(was_training)
         return responses
+
+    def score_samples(self, prompts: list[dict[str, Any]], responses: list[str]) -> list[dict[str, float]]:
+        """With `rouge_l`, each response's ROUGE-L F-measure against its reference (rouge-score:
+        lowercased alphanumeric words, no stemming; 0 for an empty response)."""
+        if not self.rouge_l:
+            return super().score_samples(prompts, responses)
+        from rouge_score.rouge_scorer import RougeScorer
+
+        scorer = RougeScorer(["rougeL"])
+        return [
+            {"rouge_l": scorer.score(prompt["reference"], response)["rougeL"].fmeasure}
+            for prompt, response in zip(prompts, responses)
+        ]
 
     def load_model(self, name_or_path: str, metadata: Any, seed: int) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM

@@ -34,14 +34,15 @@ def simulate(tiny_llama_dir, chats, output_dir, rounds=3, **sections):
         },
         "federation": {"rounds": rounds},
         "training": {"learning_rate": 1e-2, "max_length": 64, "batch_size": 8, "threads": 1},
+        "peft": None,  # all weights (a decoder's default is LoRA)
     }
     for name, values in sections.items():
-        config[name] = {**config.get(name, {}), **values}
+        config[name] = {**(config.get(name) or {}), **values}
     return run_federation(build_simulation(parse_config(config)))
 
 
 def test_federated_dialogue_tuning_lowers_validation_perplexity_every_round(tiny_llama_dir, chats, tmp_path):
-    history = simulate(tiny_llama_dir, chats, tmp_path / "run")
+    history = simulate(tiny_llama_dir, chats, tmp_path / "run", task={"rouge_l": True})
     perplexity = [record["val_perplexity"] for record in history]
     assert all(later < earlier for earlier, later in zip(perplexity, perplexity[1:])), perplexity
     assert perplexity[-1] < perplexity[0] / 4, perplexity
@@ -67,6 +68,10 @@ def test_federated_dialogue_tuning_lowers_validation_perplexity_every_round(tiny
         return sum(len(reference & response) / len(reference) for reference, response in words) / len(words)
 
     assert overlap(samples[0]) == 0 < overlap(samples[3]), [s["response"] for s in samples[3]]
+    # each response's ROUGE-L, and the round's mean
+    assert all(0 <= s["rouge_l"] <= 1 for round_samples in samples for s in round_samples)
+    assert last["sample_rouge_l"] == pytest.approx(sum(s["rouge_l"] for s in samples[3]) / 4)
+    assert 0 < last["sample_rouge_l"]
 
 
 def test_packed_length_grouped_tuning_with_a_cosine_learning_rate_lowers_perplexity(tiny_llama_dir, chats, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, masking_utils
 
 from fedlm import FedClient
-from fedlm.errors import DatasetError, ModelError, WireError
+from fedlm.errors import ConfigError, DatasetError, ModelError, WireError
 from fedlm.gate import checked_evaluation
 from fedlm.models import load_tokenizer
 from fedlm.protocol import EvaluateRes
@@ -147,6 +147,19 @@ def test_sample_prompts_end_before_the_last_response_and_their_answers_are_deter
         while len(new) < 5 and (not new or new[-1] != tokenizer.eos_token_id):
             new.append(int(model(input_ids=torch.tensor([sequence + new])).logits[0, -1].argmax()))
     assert answers[0] == tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_rouge_l_of_a_sample_is_the_f_measure_of_its_longest_common_word_subsequence(monkeypatch):
+    prompts = [{"messages": [], "reference": "The cat sat on the mat."}] * 3
+    scores = CausalLMTask(rouge_l=True).score_samples(prompts, ["the cat, on a MAT", "dogs bark", ""])
+    # "the cat on mat": 4 words common in order, of 5 in the response and 6 in the reference
+    precision, recall = 4 / 5, 4 / 6
+    assert scores[0]["rouge_l"] == pytest.approx(2 * precision * recall / (precision + recall))
+    assert scores[1:] == [{"rouge_l": 0.0}, {"rouge_l": 0.0}]
+    assert CausalLMTask().score_samples(prompts, ["a", "b", "c"]) == [{}, {}, {}]
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match=r"task.rouge_l .* pip install 'fedlm\[rouge\]'"):
+        CausalLMTask(rouge_l=True)
 
 
 def test_per_token_targets_are_padded_with_the_ignored_target():

@@ -179,3 +179,17 @@ def test_rounds_that_can_aggregate_or_depend_on_the_data_pass(data):
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "examples" / "configs").glob("*.yaml")), ids=str)
 def test_every_example_config_validates(path):
     assert Path(load_config(path).output_dir).parts[0] == "runs"
+
+
+def test_a_decoder_averaged_by_a_strategy_trains_lora_unless_the_config_says_otherwise():
+    from fedlm.config import LoraConfig
+
+    decoder = {"task": {"kind": "causal_lm"}}
+    assert parse_config(decoder).peft == LoraConfig(method="lora")
+    assert parse_config({**decoder, "peft": None}).peft is None  # all weights
+    assert parse_config({**decoder, "peft": {"method": "ia3"}}).peft.method == "ia3"
+    distillation = {"kind": "distillation", "public_data": {"held_out": 0.2}}
+    assert parse_config({**decoder, "algorithm": distillation}).peft is None  # whole client models
+    assert parse_config({}).peft is None  # a classifier: all weights
+    # the run folder's config says what ran, so a resumed run compares adapters
+    assert parse_config(decoder).model_dump()["peft"]["method"] == "lora"
