@@ -40,6 +40,7 @@ ADDED_LATER = {
     "training.lr_schedule": "constant", "training.min_learning_rate": 0.0, "training.group_by_length": False,
     "training.gradient_checkpointing": False, "training.mixed_precision": "no",
     "federation.max_total_bytes": None, "algorithm.top_k": 16, "task.rouge_l": False,
+    "model.quantization": "none",
 }  # fmt: skip
 RESUMABLE_CHANGES = (
     "output_dir", "federation.rounds", "federation.checkpoint_every", "federation.max_total_bytes", "deployment",

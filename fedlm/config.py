@@ -39,6 +39,12 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str = Field("minilm", description="a bundled model name (minilm) or a local Hugging Face folder")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="load the frozen base in 4-bit NF4 with double quantization (QLoRA, Dettmers et al. 2023) or "
+        "8-bit (LLM.int8()) through bitsandbytes (pip install 'fedlm[qlora]'; CPU or CUDA), for a task that supports "
+        "it (causal_lm); only the peft adapter trains and travels",
+    )
 
 
 class IidPartitionConfig(Section):
@@ -311,6 +317,8 @@ class TaskBase(Section):
     kind: str = Field(description="the task: a registered name (classification, or a plug-in's)")
     # the `peft` section a run of this task gets when its config has none and averages weights
     default_peft: ClassVar[dict[str, Any] | None] = None
+    # whether the task's models load with a quantized base (model.quantization)
+    quantizable: ClassVar[bool] = False
 
 
 class ClassificationTaskConfig(TaskBase):
@@ -322,6 +330,7 @@ class CausalLMTaskConfig(TaskBase):
 
     kind: Literal["causal_lm"] = "causal_lm"
     default_peft: ClassVar[dict[str, Any] | None] = {"method": "lora"}
+    quantizable: ClassVar[bool] = True
     format: Literal["auto", "messages", "instruction", "text"] = Field(
         "auto",
         description="the rows: messages (chat turns), instruction/input/output (Alpaca), or text; auto detects it from the columns",
@@ -402,6 +411,14 @@ class TrainingConfig(Section):
         False,
         description="batch examples of similar lengths together (shuffled batches of sorted windows): less padding",
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, the same update"
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="autocast the forward pass to bf16 (CPU or GPU) or fp16 (CUDA, with loss scaling); parameters, "
+        "gradients and optimizer stay float32; not with dp_sgd",
+    )
     device: str = Field("cpu", description="torch device for training and evaluation, e.g. cuda")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; torch's default when omitted")
     dp_sgd: DPSGDConfig | None = Field(
@@ -417,6 +434,16 @@ class TrainingConfig(Section):
                 "mps (Apple silicon) or xpu, xpu:N (Intel GPUs)"
             )
         return device
+
+    @model_validator(mode="after")
+    def _mixed_precision_fits(self) -> TrainingConfig:
+        if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
+            raise ValueError(
+                f"mixed_precision fp16 needs a CUDA device (loss scaling), and device is {self.device}: use bf16 or no"
+            )
+        if self.mixed_precision != "no" and self.dp_sgd is not None:
+            raise ValueError("dp_sgd (Opacus) computes per-example gradients in float32: set mixed_precision: no")
+        return self
 
     @model_validator(mode="after")
     def _schedule_ends_below_its_start(self) -> TrainingConfig:
@@ -789,6 +816,8 @@ class RunConfig(Section):
                 f"training.dp_sgd supports full fine-tuning and LoRA adapters, not peft.method {self.peft.method}: "
                 "Opacus cannot compute per-example gradients for its parameters"
             )
+        if self.model.quantization != "none":
+            self._check_quantized_base(self.model.quantization)
         if self.secure_aggregation is not None and self.homomorphic is not None:
             raise ValueError("choose one of secure_aggregation and homomorphic: both hide the updates from the server")
         if self.secure_aggregation is not None:
@@ -847,6 +876,20 @@ class RunConfig(Section):
         refused = [problem for problem, present in problems.items() if present]
         if refused:
             raise ValueError(f"algorithm distillation with task causal_lm does not take {'; '.join(refused)}")
+
+    def _check_quantized_base(self, bits: str) -> None:
+        if not type(self.task).quantizable:
+            raise ValueError(f"model.quantization {bits}: task {self.task.kind} loads its models in full precision")
+        if self.peft is None:
+            raise ValueError(
+                f"model.quantization {bits} freezes the quantized base, so a peft adapter must train: give peft "
+                "(distillation, which trains whole models, cannot use it)"
+            )
+        if isinstance(self.peft, LoraConfig) and self.peft.aggregation == "stack":
+            raise ValueError(
+                f"model.quantization {bits}: LoRA aggregation stack adds the adapters into the base weights, which "
+                "stay quantized; use fedit, ffa or svd"
+            )
 
     def _check_summed_updates(self, section: str) -> None:
         needs_updates = {

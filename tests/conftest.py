@@ -108,9 +108,10 @@ def build_tiny_model_folder(folder: Path, hidden_size: int = 32, layers: int = 2
     return folder
 
 
-def build_tiny_llama_folder(folder: Path, layers: int = 2) -> Path:
-    """A tiny random-init Llama decoder of `layers` layers and a WordPiece tokenizer from
-    tests/fixtures/vocab.txt with ChatML's markers as special tokens and ChatML as its chat template."""
+def build_tiny_llama_folder(folder: Path, layers: int = 2, hidden_size: int = 32) -> Path:
+    """A tiny random-init Llama decoder of `layers` layers of width `hidden_size` and a WordPiece
+    tokenizer from tests/fixtures/vocab.txt with ChatML's markers as special tokens and ChatML as
+    its chat template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -127,7 +128,7 @@ def build_tiny_llama_folder(folder: Path, layers: int = 2) -> Path:
     )  # fmt: skip
     tokenizer.chat_template = CHATML
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
     )  # fmt: skip

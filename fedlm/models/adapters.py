@@ -64,6 +64,20 @@ def add_adapter(model: torch.nn.Module, peft_config: Any, seed: int) -> torch.nn
     return wrapper
 
 
+def prepare_quantized(model: torch.nn.Module) -> None:
+    """A quantized base made ready for adapter training, as PEFT prescribes: its weights frozen,
+    its norms and other unquantized parameters in float32. On CPUs with AVX-512 BF16, bitsandbytes
+    (0.50) repacks a 4-bit layer's weight for its inference kernel on the first forward pass
+    without gradients, and the adapters over it stop learning after that (an evaluation before a
+    round would freeze them): the layers keep their trainable layout."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _model_type(model: torch.nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
 

@@ -73,6 +73,46 @@ def load_pretrained(auto_class: Any, name_or_path: str, seed: int, **options: An
         raise ModelError(f"cannot load model {name_or_path} from {path}: {error}") from error
 
 
+QUANTIZED_DEVICES = ("cpu", "cuda", "xpu")  # where bitsandbytes runs 4- and 8-bit layers
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quantized_loading(bits: str, device: str, mixed_precision: str = "no") -> dict[str, Any]:
+    """`from_pretrained` options that load the base quantized to `bits` (4bit: NF4 with double
+    quantization, computing in the dtype of `mixed_precision`, as QLoRA does; 8bit: LLM.int8())
+    by bitsandbytes, straight onto `device`. The quantization is deterministic, so every
+    participant gets the same base."""
+    import importlib.util
+
+    from fedlm.errors import ConfigError
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"model.quantization {bits} needs bitsandbytes, which is not installed: pip install 'fedlm[qlora]'"
+        )
+    if device.partition(":")[0] not in QUANTIZED_DEVICES:
+        raise ConfigError(
+            f"model.quantization {bits}: bitsandbytes runs on {', '.join(QUANTIZED_DEVICES)}, not training.device "
+            f"{device}; set model.quantization: none or another device"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if bits == "4bit":
+        settings = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=COMPUTE_DTYPES[mixed_precision],
+        )  # fmt: skip
+    else:
+        settings = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": settings, "device_map": {"": device}}
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the model a PEFT adapter wraps) has a bitsandbytes-quantized base."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False))
+
+
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """Whether `model` (or the model a PEFT adapter wraps) is a transformers causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -33,7 +33,8 @@ from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data.dataset import TextDataset
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
-from fedlm.models.adapters import add_adapter, freeze_lora_a
+from fedlm.models.adapters import add_adapter, freeze_lora_a, prepare_quantized
+from fedlm.models.loading import quantized_loading
 from fedlm.privacy.accounting import RoundAccounting, compute_epsilon, noise_for_epsilon
 from fedlm.protocol import ClientTransport
 from fedlm.runtime.federated_data import build_task, load_public_data, resolve_clients_per_round
@@ -187,11 +188,17 @@ def build_model(config: RunConfig, model_name: str, metadata: Any, lora_rank: in
     """The run's model: pretrained `model_name` with the head of the config's task for the
     federation's `metadata` (classification: its label map), seeded from the run seed, and the
     config's PEFT adapter, if any (a LoRA adapter of rank `lora_rank` instead of the config's r
-    when given). Every participant builds the same one."""
-    model = build_task(config).load_model(model_name, metadata, seed=derive_seed(config.seed, "init"))
+    when given), over a base quantized by `model.quantization`. Every participant builds the same one."""
+    options = {}
+    if config.model.quantization != "none":
+        training = config.training
+        options = quantized_loading(config.model.quantization, training.device, training.mixed_precision)
+    model = build_task(config).load_model(model_name, metadata, seed=derive_seed(config.seed, "init"), **options)
     check_max_length(config, model, model_name)
     if config.peft is None:
         return model
+    if options:
+        prepare_quantized(model)
     settings = config.peft
     if lora_rank is not None:
         settings = settings.model_copy(update={"r": lora_rank})

@@ -26,7 +26,7 @@ from fedlm.core.update import ClientUpdate
 from fedlm.errors import ConfigError, ModelError
 from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, merged_copy
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
-from fedlm.models.loading import load_tokenizer, quiet_transformers
+from fedlm.models.loading import is_quantized, load_tokenizer, quiet_transformers
 from fedlm.tasks import Task
 from fedlm.tasks.text import EncodedDataset, report_skipped
 
@@ -232,7 +232,9 @@ class GlobalModel:
         and its metadata, such as the label map). An adapter model is
         written merged into a plain transformers model (`merge_lora=True`, loads with
         `from_pretrained`) or as the PEFT adapter folder with the classification head
-        (`merge_lora=False`, loads with `PeftModel.from_pretrained` over the base model)."""
+        (`merge_lora=False`, loads with `PeftModel.from_pretrained` over the base model). Over a
+        quantized base the adapter folder is written either way: merging would round the update
+        into the base's 4 or 8 bits."""
         if self.lora_base and not merge_lora:
             raise ConfigError(
                 "stack aggregation folds the adapters into the base weights every round, so the model is not "
@@ -242,7 +244,7 @@ class GlobalModel:
         path.mkdir(parents=True, exist_ok=True)
         model = self.model()
         with quiet_transformers():
-            if is_adapted(model) and merge_lora:
+            if is_adapted(model) and merge_lora and not is_quantized(model):
                 merged_copy(model).save_pretrained(path)
             elif is_adapted(model):
                 model.save_pretrained(path, save_embedding_layers=False)

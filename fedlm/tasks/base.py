@@ -50,7 +50,9 @@ class Task(ABC):
     @abstractmethod
     def load_model(self, name_or_path: str, metadata: Any, seed: int) -> torch.nn.Module:
         """A pretrained model (a bundled name or a folder) with this task's head, fitted to the
-        federation's `metadata` and initialised from `seed`; its forward pass returns the loss."""
+        federation's `metadata` and initialised from `seed`; its forward pass returns the loss. A
+        task whose config section is `quantizable` also takes `from_pretrained` options for a
+        quantized base (`fedlm.models.loading.quantized_loading`)."""
 
     @abstractmethod
     def check_model(self, model: torch.nn.Module, metadata: Any, owner: str) -> None:

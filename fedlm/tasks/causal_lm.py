@@ -309,10 +309,11 @@ class CausalLMTask(Task):
             for prompt, response in zip(prompts, responses)
         ]
 
-    def load_model(self, name_or_path: str, metadata: Any, seed: int) -> torch.nn.Module:
+    def load_model(self, name_or_path: str, metadata: Any, seed: int, **options: Any) -> torch.nn.Module:
+        """`options`: from_pretrained's, such as a quantized base's (`quantized_loading`)."""
         from transformers import AutoModelForCausalLM
 
-        return load_pretrained(AutoModelForCausalLM, name_or_path, seed)
+        return load_pretrained(AutoModelForCausalLM, name_or_path, seed, **options)
 
     def check_model(self, model: torch.nn.Module, metadata: Any, owner: str) -> None:
         """A causal LM; with `packing`, one whose attention keeps packed examples apart (checked on

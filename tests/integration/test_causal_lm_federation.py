@@ -4,12 +4,14 @@ fine-tuning and LoRA in each of its aggregation modes, and the seed API with the
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import make_conversations
+from conftest import build_tiny_llama_folder, make_conversations
 from fedlm import FedClient, FedServer
 from fedlm.config import parse_config
 from fedlm.runtime import build_simulation, run_federation
+from fedlm.runtime.assemble import build_model
 from fedlm.tasks import CausalLMTask
 
 
@@ -174,3 +176,50 @@ def test_gradient_checkpointing_keeps_the_update_and_bf16_autocast_comes_close(t
     assert not torch.equal(bf16, plain) and torch.nn.functional.cosine_similarity(bf16, plain, dim=0) > 0.9
     with pytest.raises(ConfigError, match="mixed_precision fp16 needs a CUDA device"):
         FedClient(rows, AutoModelForCausalLM.from_pretrained(tiny_llama_dir), name="a", mixed_precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def llama_64_dir(tmp_path_factory):
+    """The tiny Llama 64 wide: bitsandbytes' CPU kernels quantize rows in blocks of 64."""
+    return build_tiny_llama_folder(tmp_path_factory.mktemp("llama-64"), hidden_size=64)
+
+
+@pytest.mark.parametrize("bits, layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_lora_over_a_quantized_base_trains_and_only_the_adapter_travels(llama_64_dir, chats, tmp_path, bits, layer):
+    config = {"model": {"name": str(llama_64_dir), "quantization": bits}, "task": {"kind": "causal_lm"}}
+    config["peft"] = {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj", "up_proj"]}
+    model = build_model(parse_config(config), str(llama_64_dir), None)
+    up = model.base_model.model.model.layers[0].mlp.up_proj
+    assert type(up.base_layer).__name__ == layer and not up.base_layer.weight.requires_grad
+    # the quantized base computes nearly what the full-precision one does, and not exactly
+    ids = torch.tensor([list(range(5, 25))])
+    full = AutoModelForCausalLM.from_pretrained(llama_64_dir)(input_ids=ids).logits
+    with model.disable_adapter():
+        quantized = model(input_ids=ids).logits
+    error = float((quantized - full).norm() / full.norm())
+    assert 0 < error < (0.15 if bits == "4bit" else 0.05), error
+
+    history = simulate(
+        llama_64_dir, chats, tmp_path / "run", rounds=2, task={"samples": 1, "max_new_tokens": 4},
+        model={"quantization": bits}, peft=config["peft"], training={"learning_rate": 3e-2},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert perplexity[1] < perplexity[0], perplexity
+    # the 2 layers' A (4 x in) and B (out x 4) of q (64 -> 64), v (64 -> 32) and up (64 -> 128), float32
+    adapter = 4 * 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 128))
+    assert adapter < history[0]["client_bytes"]["client-0"]["up"] < adapter + 2048
+    saved = tmp_path / "run" / "model"  # the adapter: merging would round it into the base's bits
+    assert (saved / "adapter_config.json").exists() and not (saved / "model.safetensors").exists()
+
+
+def test_dp_sgd_trains_lora_over_a_4_bit_base(llama_64_dir, chats, tmp_path):
+    """Opacus computes the per-example gradients of the adapters' plain linear layers; the frozen
+    4-bit layers only pass gradients through."""
+    history = simulate(
+        llama_64_dir, chats, tmp_path / "run", rounds=2, task={"samples": 0}, model={"quantization": "4bit"},
+        peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        training={"learning_rate": 3e-2, "dp_sgd": {"noise_multiplier": 0.5, "clip_norm": 1.0}},
+    )  # fmt: skip
+    perplexity = [record["val_perplexity"] for record in history]
+    assert perplexity[1] < perplexity[0], perplexity
+    assert 0 < history[0]["dp_sgd_epsilon_max"] < history[1]["dp_sgd_epsilon_max"]

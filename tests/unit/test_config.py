@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlm.config import load_config, parse_config
 from fedlm.errors import ConfigError
@@ -193,3 +194,48 @@ def test_a_decoder_averaged_by_a_strategy_trains_lora_unless_the_config_says_oth
     assert parse_config({}).peft is None  # a classifier: all weights
     # the run folder's config says what ran, so a resumed run compares adapters
     assert parse_config(decoder).model_dump()["peft"]["method"] == "lora"
+
+
+def test_checkpointing_and_mixed_precision_reach_the_clients_training_options():
+    from fedlm.client.local_training import TrainingOptions
+
+    training = parse_config({"training": {"gradient_checkpointing": True, "mixed_precision": "bf16"}}).training
+    options = TrainingOptions(**training.model_dump(include=set(TrainingOptions.__dataclass_fields__)))
+    assert options.gradient_checkpointing and options.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="training: .*mixed_precision fp16 needs a CUDA device"):
+        parse_config({"training": {"mixed_precision": "fp16"}})
+    with pytest.raises(ConfigError, match="training: .*dp_sgd .* set mixed_precision: no"):
+        parse_config({"training": {"mixed_precision": "bf16", "dp_sgd": {"noise_multiplier": 1.0}}})
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model": {"quantization": "4bit"}}, "task classification loads its models in full precision"),
+        ({"model": {"quantization": "8bit"}, "task": {"kind": "causal_lm"}, "peft": None}, "a peft adapter must train"),
+        (
+            {
+                "model": {"quantization": "4bit"},
+                "task": {"kind": "causal_lm"},
+                "peft": {"method": "lora", "aggregation": "stack"},
+            },
+            "stack adds the adapters into the base weights",
+        ),
+    ],
+)
+def test_a_quantized_base_needs_a_task_that_loads_one_and_an_adapter_that_leaves_it_alone(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+    # a decoder with its default LoRA adapter is fine
+    assert parse_config({"model": {"quantization": "4bit"}, "task": {"kind": "causal_lm"}}).peft.method == "lora"
+
+
+def test_a_quantized_base_needs_bitsandbytes_and_a_device_it_runs_on(monkeypatch):
+    from fedlm.models.loading import quantized_loading
+
+    assert quantized_loading("4bit", "cpu", "bf16")["quantization_config"].bnb_4bit_compute_dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="bitsandbytes runs on cpu, cuda, xpu, not training.device mps"):
+        quantized_loading("8bit", "mps")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
+    with pytest.raises(ConfigError, match=r"model.quantization 4bit needs bitsandbytes.*pip install 'fedlm\[qlora\]'"):
+        quantized_loading("4bit", "cpu")
