@@ -355,6 +355,18 @@ class CausalLMTaskConfig(TaskBase):
     )
 
 
+class TokenClassificationTaskConfig(TaskBase):
+    """Tagging words: named entities and other tags (fedlm.tasks.token_classification)."""
+
+    kind: Literal["token_classification"] = "token_classification"
+    tag_names: list[str] | None = Field(None, description="the tag of each id, for data whose tags are ids")
+    invalid_spans: Literal["repair", "error"] = Field(
+        "repair",
+        description="an entity that does not begin as its scheme says (I-PER after O): repair it as CoNLL's "
+        "evaluation reads it (counted in the log), or refuse the row",
+    )
+
+
 # task kind -> the section that validates `task: {kind: <kind>, ...}`; the task classes are in
 # fedlm.tasks.TASKS under the same names (fedlm.register_task adds to both)
 TASK_SECTIONS: dict[str, type[TaskBase]] = {}
@@ -376,6 +388,7 @@ def register_task_section(name: str, section: type[TaskBase]) -> None:
 
 register_task_section("classification", ClassificationTaskConfig)
 register_task_section("causal_lm", CausalLMTaskConfig)
+register_task_section("token_classification", TokenClassificationTaskConfig)
 
 
 def validate_task(value: Any) -> TaskBase:

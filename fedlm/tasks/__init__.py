@@ -13,6 +13,7 @@ from fedlm.models.loading import is_causal_lm
 from fedlm.tasks.base import Task
 from fedlm.tasks.causal_lm import CausalLMTask
 from fedlm.tasks.classification import ClassificationTask
+from fedlm.tasks.token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -52,18 +53,23 @@ def task_for(kind: str, **options: Any) -> Task:
 
 def task_of_model(model: Any) -> Task:
     """The task of a model given without one (`FedClient(model=...)`): causal_lm for a causal
-    language model, classification otherwise."""
-    return CausalLMTask() if is_causal_lm(model) else ClassificationTask()
+    language model, token_classification for a token classifier, classification otherwise."""
+    if is_causal_lm(model):
+        return CausalLMTask()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return TokenClassificationTask() if type(base).__name__.endswith("ForTokenClassification") else ClassificationTask()
 
 
 register_task("classification", ClassificationTask)
 register_task("causal_lm", CausalLMTask)
+register_task("token_classification", TokenClassificationTask)
 
 __all__ = [
     "TASKS",
     "CausalLMTask",
     "ClassificationTask",
     "Task",
+    "TokenClassificationTask",
     "check_task_class",
     "register_task",
     "task_for",

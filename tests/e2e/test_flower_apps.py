@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model_folder, make_conversations, make_records, read_metrics
+from conftest import build_tiny_model_folder, make_conversations, make_records, make_tagged_sentences, read_metrics
 from deployment_setup import (
     NAMES,
     NO_CLIENT_EVALUATION,
@@ -187,6 +187,27 @@ def test_a_decoder_with_lora_over_flower_matches_simulation_bit_for_bit(tiny_lla
     for ours, theirs in zip(deployed, read_metrics(simulated)):
         assert ours.get("train_loss") == theirs.get("train_loss")
         assert ours["client_test"] == theirs["client_test"]  # each node's perplexity on its test split
+
+
+def test_tagging_over_flower_matches_simulation_bit_for_bit(tiny_model_dir, tmp_path):
+    """The nodes report their tags; the ServerApp joins them into the tag map it sends back."""
+    sentences = make_tagged_sentences(90, seed=2)
+    files = {}
+    for index, name in enumerate(NAMES):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("\n".join(json.dumps(row) for row in sentences[index::3]))
+    config = config_writer(tmp_path, tiny_model_dir, files)(
+        task={"kind": "token_classification"}, training={"learning_rate": 1e-2, "max_length": 32}
+    )
+    run_in_process(config, nodes(files))
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    assert {item["client"] for item in deployed[-1]["client_test"]} == set(NAMES)
+    assert all("f1" in item and "f1_PER" in item for item in deployed[-1]["client_test"])
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    for ours, theirs in zip(deployed, read_metrics(simulated)):
+        assert ours["client_test"] == theirs["client_test"]  # each node's entity F1 on its test split
 
 
 def test_distillation_of_decoders_over_flower_matches_simulation_bit_for_bit(tiny_llama_dir, tmp_path):

@@ -37,3 +37,18 @@ def test_multilingual_sentiment_combines_both_languages_with_one_label_set():
     assert english == load_bundled_dataset("rotten-tomatoes").texts
     parts = NaturalPartitioner("language").partition(data.columns["language"])
     assert [len(part) for part in parts] == [4866, 35123]
+
+
+def test_people_daily_becomes_character_tagged_sentences_with_whole_names():
+    from fedlm.tasks import TokenClassificationTask
+
+    data = TokenClassificationTask().read(load_bundled_dataset("people-daily-ner"), owner="data.dataset")
+    assert len(data) == 45080
+    starts = Counter(tag for _, tags in data.labels for tag in tags if tag.startswith("B-"))
+    assert starts == {"B-LOC": 27890, "B-PER": 19645, "B-ORG": 3573}
+    # 中共中央/nt 总书记/n 、/w 国家/n 主席/n 江/nr 泽民/nr: the surname and given name are one person
+    words, tags = data.labels[1]
+    assert "".join(words) == "中共中央总书记、国家主席江泽民"
+    assert tags[:4] == ["B-ORG", "I-ORG", "I-ORG", "I-ORG"] and tags[-3:] == ["B-PER", "I-PER", "I-PER"]
+    # paragraphs are split after each sentence's end
+    assert not any(mark in words[:-1] for words, _ in data.labels for mark in "。！？")
