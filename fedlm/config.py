@@ -367,6 +367,17 @@ class TokenClassificationTaskConfig(TaskBase):
     )
 
 
+class Seq2SeqTaskConfig(TaskBase):
+    """Writing a target text from a source text with an encoder-decoder (fedlm.tasks.seq2seq)."""
+
+    kind: Literal["seq2seq"] = "seq2seq"
+    samples: int = Field(
+        16, ge=0, description="validation sources the global model writes targets for after every round, scored "
+        "with ROUGE-L (samples/round_N.jsonl, sample_rouge_l)",
+    )  # fmt: skip
+    max_new_tokens: int = Field(48, ge=1, description="the longest generated target, in tokens")
+
+
 # task kind -> the section that validates `task: {kind: <kind>, ...}`; the task classes are in
 # fedlm.tasks.TASKS under the same names (fedlm.register_task adds to both)
 TASK_SECTIONS: dict[str, type[TaskBase]] = {}
@@ -389,6 +400,7 @@ def register_task_section(name: str, section: type[TaskBase]) -> None:
 register_task_section("classification", ClassificationTaskConfig)
 register_task_section("causal_lm", CausalLMTaskConfig)
 register_task_section("token_classification", TokenClassificationTaskConfig)
+register_task_section("seq2seq", Seq2SeqTaskConfig)
 
 
 def validate_task(value: Any) -> TaskBase:

@@ -108,12 +108,11 @@ def build_tiny_model_folder(folder: Path, hidden_size: int = 32, layers: int = 2
     return folder
 
 
-def build_tiny_llama_folder(folder: Path, layers: int = 2, hidden_size: int = 32) -> Path:
-    """A tiny random-init Llama decoder of `layers` layers of width `hidden_size` and a WordPiece
-    tokenizer from tests/fixtures/vocab.txt with ChatML's markers as special tokens and ChatML as
-    its chat template."""
+def tiny_fast_tokenizer():
+    """A WordPiece tokenizer from tests/fixtures/vocab.txt with ChatML's markers as special tokens
+    (<|im_end|> its end-of-sequence token) and ChatML as its chat template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from fedlm.tasks.causal_lm import CHATML
 
@@ -127,6 +126,15 @@ def build_tiny_llama_folder(folder: Path, layers: int = 2, hidden_size: int = 32
         additional_special_tokens=["<|im_start|>"],
     )  # fmt: skip
     tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_llama_folder(folder: Path, layers: int = 2, hidden_size: int = 32) -> Path:
+    """A tiny random-init Llama decoder of `layers` layers of width `hidden_size` and the tiny fast
+    tokenizer (`tiny_fast_tokenizer`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_fast_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
@@ -134,6 +142,22 @@ def build_tiny_llama_folder(folder: Path, layers: int = 2, hidden_size: int = 32
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_t5_folder(folder: Path) -> Path:
+    """A tiny random-init T5 encoder-decoder (2 + 2 layers, width 32) and the tiny fast tokenizer."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = tiny_fast_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -48,11 +48,15 @@ def add_adapter(model: torch.nn.Module, peft_config: Any, seed: int) -> torch.nn
     except ImportError:
         raise ModelError("adapters need PEFT: pip install 'fedlm[peft]'") from None
     requested, peft_config = peft_config, copy.deepcopy(peft_config)
-    if peft_config.task_type is None:  # a causal LM's wrapper keeps generate; a classifier's trains its head
-        tagger = type(model).__name__.endswith("ForTokenClassification")
-        peft_config.task_type = (
-            TaskType.CAUSAL_LM if is_causal_lm(model) else TaskType.TOKEN_CLS if tagger else TaskType.SEQ_CLS
-        )
+    if peft_config.task_type is None:  # a language model's wrapper keeps generate; a classifier's trains its head
+        if is_causal_lm(model):
+            peft_config.task_type = TaskType.CAUSAL_LM
+        elif getattr(model.config, "is_encoder_decoder", False):
+            peft_config.task_type = TaskType.SEQ_2_SEQ_LM
+        elif type(model).__name__.endswith("ForTokenClassification"):
+            peft_config.task_type = TaskType.TOKEN_CLS
+        else:
+            peft_config.task_type = TaskType.SEQ_CLS
     if hasattr(peft_config, "target_modules"):
         peft_config.target_modules = _target_modules(model, peft_config)
     if getattr(peft_config, "feedforward_modules", None) == AUTO:

@@ -259,7 +259,7 @@ def write_partition(summary: dict[str, Any], output: Path) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     write_partition_report(summary, temporary)
     for name in PARTITION_REPORT:
-        if (temporary / name).exists():  # no heatmap for a task without class labels
+        if (temporary / name).exists():  # no heatmap without class labels or a partition column
             (temporary / name).replace(output / name)
     shutil.rmtree(temporary, ignore_errors=True)
 

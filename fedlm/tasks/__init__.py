@@ -13,6 +13,7 @@ from fedlm.models.loading import is_causal_lm
 from fedlm.tasks.base import Task
 from fedlm.tasks.causal_lm import CausalLMTask
 from fedlm.tasks.classification import ClassificationTask
+from fedlm.tasks.seq2seq import Seq2SeqTask, is_seq2seq
 from fedlm.tasks.token_classification import TokenClassificationTask
 
 TASKS: dict[str, type[Task]] = {}
@@ -53,9 +54,12 @@ def task_for(kind: str, **options: Any) -> Task:
 
 def task_of_model(model: Any) -> Task:
     """The task of a model given without one (`FedClient(model=...)`): causal_lm for a causal
-    language model, token_classification for a token classifier, classification otherwise."""
+    language model, seq2seq for an encoder-decoder one, token_classification for a token
+    classifier, classification otherwise."""
     if is_causal_lm(model):
         return CausalLMTask()
+    if is_seq2seq(model):
+        return Seq2SeqTask()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return TokenClassificationTask() if type(base).__name__.endswith("ForTokenClassification") else ClassificationTask()
 
@@ -63,11 +67,13 @@ def task_of_model(model: Any) -> Task:
 register_task("classification", ClassificationTask)
 register_task("causal_lm", CausalLMTask)
 register_task("token_classification", TokenClassificationTask)
+register_task("seq2seq", Seq2SeqTask)
 
 __all__ = [
     "TASKS",
     "CausalLMTask",
     "ClassificationTask",
+    "Seq2SeqTask",
     "Task",
     "TokenClassificationTask",
     "check_task_class",

@@ -106,7 +106,8 @@ def encode(
 
 def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int] | None = None):
     """Yield dicts of padded tensors (input_ids, attention_mask, labels), padded to the batch's
-    longest; per-token targets are padded with IGNORED_TARGET. Packed rows come with position_ids
+    longest; per-token targets (as many as the ids, or for a decoder's targets their own number)
+    are padded with IGNORED_TARGET. Packed rows come with position_ids
     (counting from 0 in each example and in the padding) instead of an attention mask."""
     order = list(range(len(data))) if order is None else order
     for start in range(0, len(order), batch_size):
@@ -118,8 +119,9 @@ def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int]
             ids = data.input_ids[index]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
-        if isinstance(data.labels[chosen[0]], list):
-            labels = torch.full((len(chosen), width), IGNORED_TARGET, dtype=data.label_dtype)
+        if isinstance(data.labels[chosen[0]], list):  # as long as the ids, or (seq2seq) their own lengths
+            target_width = max(len(data.labels[i]) for i in chosen)
+            labels = torch.full((len(chosen), target_width), IGNORED_TARGET, dtype=data.label_dtype)
             for row, index in enumerate(chosen):
                 labels[row, : len(data.labels[index])] = torch.tensor(data.labels[index], dtype=data.label_dtype)
         else:

@@ -256,6 +256,8 @@ class TokenClassificationTask(Task):
         )  # fmt: skip
 
     def check_model(self, model: torch.nn.Module, metadata: LabelMap, owner: str) -> None:
+        """A token classifier with a class for every tag; the tag names go into its config, where
+        evaluation reads them (a model given with transformers' LABEL_0, ... names gets them too)."""
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not type(base).__name__.endswith("ForTokenClassification"):
             raise ModelError(
@@ -263,6 +265,7 @@ class TokenClassificationTask(Task):
                 f"AutoModelForTokenClassification), got {type(base).__name__}"
             )
         metadata.check_fits(model.config.num_labels, owner)
+        self.annotate_model(model, metadata)
 
     def annotate_model(self, model: torch.nn.Module, metadata: LabelMap) -> None:
         model.config.id2label = dict(metadata.id2label)

@@ -83,3 +83,23 @@ def test_the_seed_api_infers_the_task_from_a_token_classifier(tiny_model_dir, se
         server.aggregate_parameters()
         server.broadcast_model()
     assert server.evaluate(rows[200:])["f1"] > before
+
+
+def test_a_dirichlet_split_over_a_column_skews_it_and_the_report_shows_its_shares(tiny_model_dir, tmp_path):
+    """Data without class labels split non-IID by a column (here each sentence's source)."""
+    rows = make_tagged_sentences(300, seed=1)
+    for index, row in enumerate(rows):
+        row["source"] = ["news", "forum", "mail"][index % 3]
+    path = tmp_path / "sources.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    simulate(
+        tiny_model_dir, path, tmp_path / "run", rounds=1,
+        data={"dataset": str(path), "validation_fraction": 0.2, "client_test_fraction": 0.2,
+              "partition": {"kind": "dirichlet", "num_clients": 3, "alpha": 0.1, "column": "source"}},
+    )  # fmt: skip
+    report = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert report["column"] == {"name": "source", "values": ["forum", "mail", "news"]}
+    shares = [max(client["column_counts"].values()) / client["examples"] for client in report["clients"]]
+    assert sum(shares) / len(shares) > 0.55, shares  # an IID split gives about 0.36 here
+    assert all(sum(client["column_counts"].values()) == client["examples"] for client in report["clients"])
+    assert (tmp_path / "run" / "partition.png").exists()

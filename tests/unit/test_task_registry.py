@@ -10,7 +10,7 @@ import pytest
 import fedlm
 from fedlm.config import TASK_SECTIONS, TaskBase, parse_config
 from fedlm.errors import ConfigError
-from fedlm.tasks import TASKS, CausalLMTask, ClassificationTask, TokenClassificationTask, task_for
+from fedlm.tasks import TASKS, CausalLMTask, ClassificationTask, Seq2SeqTask, TokenClassificationTask, task_for
 
 
 class Renamed(ClassificationTask):
@@ -35,9 +35,9 @@ def registries():
 def test_classification_is_registered_on_both_sides_and_is_the_default():
     assert TASKS == {
         "classification": ClassificationTask, "causal_lm": CausalLMTask,
-        "token_classification": TokenClassificationTask,
+        "token_classification": TokenClassificationTask, "seq2seq": Seq2SeqTask,
     }  # fmt: skip
-    assert list(TASK_SECTIONS) == ["classification", "causal_lm", "token_classification"]
+    assert list(TASK_SECTIONS) == ["classification", "causal_lm", "token_classification", "seq2seq"]
     assert parse_config({}).task.kind == "classification"
     assert isinstance(task_for("classification"), ClassificationTask)
 
@@ -45,14 +45,14 @@ def test_classification_is_registered_on_both_sides_and_is_the_default():
 def test_an_unknown_kind_lists_the_registered_kinds():
     with pytest.raises(
         ConfigError,
-        match=r"unknown task 'regression'; registered tasks are \['classification', 'causal_lm', 'token_classification'\]",
+        match=r"unknown task 'regression'; registered tasks are \['classification', 'causal_lm', 'token_classification', 'seq2seq'\]",
     ):
         task_for("regression")
     with pytest.raises(ConfigError) as error:
         parse_config({"task": {"kind": "regression"}})
     assert str(error.value).endswith(
         "task: Input tag 'regression' found using 'kind' does not match any of the expected tags: 'classification', 'causal_lm', "
-        "'token_classification'"
+        "'token_classification', 'seq2seq'"
     )
 
 
