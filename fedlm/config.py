@@ -81,6 +81,21 @@ class NaturalPartitionConfig(Section):
     column: str = Field(..., description="one client per value of this column (author, user, language, ...)")
 
 
+class ClusterPartitionConfig(Section):
+    """Skew for data without labels: texts embedded by an encoder, k-means-clustered, then the
+    clusters dealt out to clients in Dirichlet(alpha) shares (the clusters play the labels)."""
+
+    kind: Literal["clusters"]
+    num_clients: int = Field(5, ge=1, description="number of clients")
+    clusters: int = Field(..., ge=2, description="k-means clusters of the texts' embeddings")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over the clusters: 0.1 strongly skewed")
+    min_size: int = Field(1, ge=1, description="fewest examples any client gets")
+    encoder: str = Field("minilm", description="the encoder whose mean-pooled embeddings are clustered")
+    max_length: int = Field(128, ge=8, description="tokens of each text the encoder reads")
+    # the column the clusters are written to (partition.json, client_test_by_cluster)
+    column: ClassVar[str] = "cluster"
+
+
 class PredefinedPartitionConfig(Section):
     kind: Literal["predefined"]
     clients: list[str] | None = Field(None, description="one data file or saved dataset folder per client")
@@ -99,6 +114,7 @@ PartitionConfig = Annotated[
     | QuantityPartitionConfig
     | ShardsPartitionConfig
     | NaturalPartitionConfig
+    | ClusterPartitionConfig
     | PredefinedPartitionConfig,
     Field(discriminator="kind"),
 ]

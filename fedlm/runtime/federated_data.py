@@ -4,11 +4,19 @@ server's federated validation set."""
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import torch
 
-from fedlm.config import NaturalPartitionConfig, PartitionConfig, PredefinedPartitionConfig, RunConfig
+from fedlm.config import (
+    ClusterPartitionConfig,
+    NaturalPartitionConfig,
+    PartitionConfig,
+    PredefinedPartitionConfig,
+    RunConfig,
+)
+from fedlm.core.kmeans import kmeans
 from fedlm.core.seeding import derive_seed
 from fedlm.data import (
     BUNDLED_DATASETS,
@@ -21,10 +29,12 @@ from fedlm.data import (
 )
 from fedlm.data.dataset import load_public_set
 from fedlm.data.federated import ClientData, FederatedData
-from fedlm.data.partition import NaturalPartitioner, Partitioner
+from fedlm.data.partition import DirichletPartitioner, NaturalPartitioner, Partitioner
 from fedlm.errors import ConfigError, DatasetError
+from fedlm.models.embedding import embed_texts
 from fedlm.tasks import TASKS, Task
 
+logger = logging.getLogger("fedlm")
 LABEL_SKEW_PARTITIONS = ("dirichlet", "shards")  # partitions that skew the classes, unless given a column
 
 
@@ -76,6 +86,8 @@ def prepare_federated_data(config: RunConfig, task: Task | None = None) -> Feder
     else:
         data = load_source(config, task)
         parts, names = None, None
+        if isinstance(partition, ClusterPartitionConfig):
+            data = with_clusters(data, partition, derive_seed(config.seed, "clusters"))
     validation = None
     if data_config.validation_file is not None:
         validation = task.read(
@@ -161,9 +173,26 @@ def load_public_data(config: RunConfig, task: Task, held_out: TextDataset | None
     return public
 
 
+def with_clusters(data: TextDataset, partition: ClusterPartitionConfig, seed: int) -> TextDataset:
+    """`data` with a "cluster" column: the k-means cluster of each text's embedding by
+    `partition.encoder`."""
+    if partition.clusters > len(data):
+        raise ConfigError(
+            f"data.partition.clusters {partition.clusters} exceeds the {len(data)} examples to cluster; "
+            f"give at most {len(data)}"
+        )
+    logger.info("clustering %d texts into %d clusters by %s embeddings", len(data), partition.clusters,
+                partition.encoder)  # fmt: skip
+    points = embed_texts(partition.encoder, data.texts, partition.max_length)
+    clusters = kmeans(points, partition.clusters, seed).tolist()
+    return TextDataset(data.texts, data.labels, data.source, {**data.columns, "cluster": clusters})
+
+
 def make_partitioner(partition: PartitionConfig, seed: int) -> Partitioner:
     if isinstance(partition, NaturalPartitionConfig):
         return NaturalPartitioner(partition.column)
+    if isinstance(partition, ClusterPartitionConfig):
+        return DirichletPartitioner(partition.num_clients, partition.alpha, partition.min_size, seed)
     return PARTITIONERS[partition.kind](**partition.model_dump(exclude={"kind", "column"}), seed=seed)
 
 

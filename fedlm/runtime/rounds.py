@@ -177,7 +177,12 @@ def run_federation(
     settings = config.federation
     write_metrics(output, records)
 
+    groups = client_groups(federation.partition)
+
     def record_round(record: dict[str, Any]) -> None:
+        if groups and record.get("client_test"):
+            column = federation.partition["column"]["name"]
+            record[f"client_test_by_{column}"] = grouped_client_test(record["client_test"], groups)
         if federation.sample_prompts:
             record.update(write_samples(server, federation.sample_prompts, output, record["round"]))
         record = finite_json(record)  # as written: NaN and infinity as None, listed under "non_finite"
@@ -223,6 +228,37 @@ def run_federation(
     if summary["aggregated_rounds"] == 0:
         raise ClientError(f"{output}: {summary['warning']}")
     return [record for record in records if record["round"] > 0]
+
+
+def client_groups(partition: dict[str, Any] | None) -> dict[str, str]:
+    """Each client's value of the column the partition split on (with several, the most common),
+    from the partition summary; none without such a column."""
+    if not partition or not partition.get("column"):
+        return {}
+    return {
+        client["client"]: min(client["column_counts"].items(), key=lambda item: (-item[1], item[0]))[0]
+        for client in partition["clients"]
+        if client["examples"]
+    }
+
+
+def grouped_client_test(client_test: list[dict[str, Any]], groups: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The clients' test results by group (a language, a source: `client_groups`): per group its
+    clients, their test examples, and each metric's mean over the clients that report it, weighted
+    by test examples."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for item in client_test:
+        if item["client"] in groups and item.get("num_examples"):
+            grouped.setdefault(groups[item["client"]], []).append(item)
+    result = {}
+    for group, items in sorted(grouped.items()):
+        examples = sum(item["num_examples"] for item in items)
+        result[group] = {"clients": len(items), "num_examples": examples}
+        for key in sorted({key for item in items for key, value in item.items() if isinstance(value, float)}):
+            reporting = [item for item in items if isinstance(item.get(key), float)]
+            weight = sum(item["num_examples"] for item in reporting)
+            result[group][key] = sum(item[key] * item["num_examples"] for item in reporting) / weight
+    return result
 
 
 def write_metrics(output: Path, records: list[dict[str, Any]]) -> None:

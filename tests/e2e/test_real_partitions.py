@@ -63,3 +63,8 @@ def test_multilingual_natural_split_by_language(tmp_path, tiny_model_dir):
     for line in lines:
         assert {item["client"] for item in line["client_test"]} == {"en", "zh"} and "val_accuracy" in line
     assert lines[1]["clients"] == 2 and not lines[1]["dropped"]
+    # each language's results: here one client each, so that client's own
+    by_language = lines[1]["client_test_by_language"]
+    for item in lines[1]["client_test"]:
+        assert by_language[item["client"]]["accuracy"] == item["accuracy"]
+        assert by_language[item["client"]]["clients"] == 1

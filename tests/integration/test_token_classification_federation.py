@@ -9,6 +9,7 @@ from transformers import AutoModelForTokenClassification
 from conftest import make_tagged_sentences
 from fedlm import FedClient, FedServer
 from fedlm.config import parse_config
+from fedlm.errors import ConfigError
 from fedlm.runtime import build_simulation, run_federation
 
 
@@ -92,7 +93,7 @@ def test_a_dirichlet_split_over_a_column_skews_it_and_the_report_shows_its_share
         row["source"] = ["news", "forum", "mail"][index % 3]
     path = tmp_path / "sources.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in rows))
-    simulate(
+    history = simulate(
         tiny_model_dir, path, tmp_path / "run", rounds=1,
         data={"dataset": str(path), "validation_fraction": 0.2, "client_test_fraction": 0.2,
               "partition": {"kind": "dirichlet", "num_clients": 3, "alpha": 0.1, "column": "source"}},
@@ -103,3 +104,39 @@ def test_a_dirichlet_split_over_a_column_skews_it_and_the_report_shows_its_share
     assert sum(shares) / len(shares) > 0.55, shares  # an IID split gives about 0.36 here
     assert all(sum(client["column_counts"].values()) == client["examples"] for client in report["clients"])
     assert (tmp_path / "run" / "partition.png").exists()
+    # the clients' test results by their main source
+    main = {c["client"]: max(c["column_counts"], key=c["column_counts"].get) for c in report["clients"]}
+    by_source = history[0]["client_test_by_source"]
+    tested = [item for item in history[0]["client_test"] if item["num_examples"]]
+    assert sum(group["clients"] for group in by_source.values()) == len(tested) >= 2, history[0]["client_test"]
+    for source, group in by_source.items():
+        members = [item for item in history[0]["client_test"] if main[item["client"]] == source]
+        examples = sum(item["num_examples"] for item in members)
+        assert group["num_examples"] == examples
+        assert group["f1"] == pytest.approx(sum(item["f1"] * item["num_examples"] for item in members) / examples)
+
+
+def test_a_cluster_partition_embeds_clusters_and_deals_the_clusters_out(tiny_model_dir, sentences, tmp_path):
+    """Sentences have no class labels: k-means over the encoder's embeddings makes the groups that
+    a Dirichlet split skews."""
+    from fedlm.data.report import partition_summary
+    from fedlm.runtime.federated_data import prepare_federated_data
+
+    def config(**partition):
+        return parse_config({
+            "seed": 0, "model": {"name": str(tiny_model_dir)}, "task": {"kind": "token_classification"},
+            "data": {"dataset": str(sentences), "validation_fraction": 0.2, "partition": {
+                "kind": "clusters", "num_clients": 4, "clusters": 3, "alpha": 0.1, "encoder": str(tiny_model_dir),
+                **partition}},
+        })  # fmt: skip
+
+    federated = prepare_federated_data(config())
+    summary = partition_summary(federated, class_labels=False, column="cluster")
+    assert summary["column"] == {"name": "cluster", "values": ["0", "1", "2"]}
+    shares = [max(client["column_counts"].values()) / client["examples"] for client in summary["clients"]]
+    assert sum(shares) / len(shares) > 0.6, shares
+    assert summary["train_examples"] + summary["test_examples"] == 300 - 60  # every example once
+    assert set(federated.validation.columns["cluster"]) <= {0, 1, 2}
+    assert prepare_federated_data(config()).clients[0].train.texts == federated.clients[0].train.texts  # seeded
+    with pytest.raises(ConfigError, match="data.partition.clusters 500 exceeds the 300 examples"):
+        prepare_federated_data(config(clusters=500))
