@@ -26,7 +26,16 @@ from fedlm.data.dataset import TextDataset, read_columns
 from fedlm.errors import ConfigError, DatasetError, ModelError
 from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
-from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches, forward_options, pack
+from fedlm.tasks.text import (
+    CHARS_PER_TOKEN,
+    IGNORED_TARGET,
+    EncodedDataset,
+    batches,
+    forward_options,
+    pack,
+    rouge_l_scores,
+    sample_indices,
+)
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("messages", "instruction", "text")
@@ -247,10 +256,8 @@ class CausalLMTask(Task):
         """`samples` rows of `data` drawn with `seed`, in their order: a conversation up to its last
         assistant turn ({"messages": [...]}), whose content is the reference; plain text cut after
         its first half of words ({"text": ...}), the rest the reference."""
-        count = min(self.samples, len(data))
-        chosen = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist())
         prompts = []
-        for index in chosen:
+        for index in sample_indices(len(data), self.samples, seed):
             conversation = data.labels[index]
             if conversation is None:
                 words = data.texts[index].split()
@@ -297,17 +304,8 @@ class CausalLMTask(Task):
         return responses
 
     def score_samples(self, prompts: list[dict[str, Any]], responses: list[str]) -> list[dict[str, float]]:
-        """With `rouge_l`, each response's ROUGE-L F-measure against its reference (rouge-score:
-        lowercased alphanumeric words, no stemming; 0 for an empty response)."""
-        if not self.rouge_l:
-            return super().score_samples(prompts, responses)
-        from rouge_score.rouge_scorer import RougeScorer
-
-        scorer = RougeScorer(["rougeL"])
-        return [
-            {"rouge_l": scorer.score(prompt["reference"], response)["rougeL"].fmeasure}
-            for prompt, response in zip(prompts, responses)
-        ]
+        """With `rouge_l`, each response's ROUGE-L F-measure against its reference."""
+        return rouge_l_scores(prompts, responses) if self.rouge_l else super().score_samples(prompts, responses)
 
     def load_model(self, name_or_path: str, metadata: Any, seed: int, **options: Any) -> torch.nn.Module:
         """`options`: from_pretrained's, such as a quantized base's (`quantized_loading`)."""

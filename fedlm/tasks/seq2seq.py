@@ -21,7 +21,7 @@ from fedlm.data.dataset import TextDataset, read_columns
 from fedlm.errors import ConfigError, DatasetError, ModelError
 from fedlm.models.loading import load_pretrained
 from fedlm.tasks.base import Task
-from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches
+from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches, rouge_l_scores, sample_indices
 
 logger = logging.getLogger("fedlm")
 
@@ -101,8 +101,7 @@ class Seq2SeqTask(Task):
 
     def sample_prompts(self, data: TextDataset, seed: int) -> list[dict[str, Any]]:
         """`samples` rows of `data` drawn with `seed`, in their order: {"source", "reference"}."""
-        count = min(self.samples, len(data))
-        chosen = sorted(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+        chosen = sample_indices(len(data), self.samples, seed)
         return [{"source": data.texts[index], "reference": data.labels[index]} for index in chosen]
 
     @torch.no_grad()
@@ -127,14 +126,8 @@ class Seq2SeqTask(Task):
         return responses
 
     def score_samples(self, prompts: list[dict[str, Any]], responses: list[str]) -> list[dict[str, float]]:
-        """Each generated target's ROUGE-L F-measure against its reference (rouge-score)."""
-        from rouge_score.rouge_scorer import RougeScorer
-
-        scorer = RougeScorer(["rougeL"])
-        return [
-            {"rouge_l": scorer.score(prompt["reference"], response)["rougeL"].fmeasure}
-            for prompt, response in zip(prompts, responses)
-        ]
+        """Each generated target's ROUGE-L F-measure against its reference."""
+        return rouge_l_scores(prompts, responses)
 
     def load_model(self, name_or_path: str, metadata: Any, seed: int) -> torch.nn.Module:
         from transformers import AutoModelForSeq2SeqLM

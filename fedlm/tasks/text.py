@@ -134,3 +134,22 @@ def batches(data: EncodedDataset, batch_size: int, pad_id: int, order: list[int]
             lengths = [*data.segments[index], width - len(data.input_ids[index])]
             positions[row] = torch.cat([torch.arange(length) for length in lengths])
         yield {"input_ids": input_ids, "position_ids": positions, "labels": labels}
+
+
+def sample_indices(size: int, count: int, seed: int) -> list[int]:
+    """`count` (at most `size`) distinct positions of `size` rows drawn with `seed`, in order: a
+    task's fixed sample prompts."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[: min(count, size)].tolist())
+
+
+def rouge_l_scores(prompts: list[dict], responses: list[str]) -> list[dict[str, float]]:
+    """Each response's ROUGE-L F-measure against its prompt's "reference" (Google's rouge-score:
+    lowercased alphanumeric words, no stemming; 0 for an empty response)."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"])
+    return [
+        {"rouge_l": scorer.score(prompt["reference"], response)["rougeL"].fmeasure}
+        for prompt, response in zip(prompts, responses)
+    ]
