@@ -13,6 +13,11 @@ class DatasetError(FedlmError):
     """A dataset is missing, unreadable, empty, or lacks the columns a task needs."""
 
 
+class NothingLeftError(DatasetError):
+    """Encoding left none of a dataset's rows (each too long for `max_length`): a client cannot
+    train on it, and scores nothing on it when it is a test split."""
+
+
 class ModelError(FedlmError):
     """A model is unknown, cannot be loaded, or does not match the federation's model."""
 

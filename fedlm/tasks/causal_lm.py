@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from fedlm.data.dataset import TextDataset, read_columns
-from fedlm.errors import ConfigError, DatasetError, ModelError
+from fedlm.errors import ConfigError, DatasetError, ModelError, NothingLeftError
 from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
 from fedlm.tasks.text import (
@@ -244,7 +244,7 @@ class CausalLMTask(Task):
             input_ids.append(ids)
             labels.append(targets_here)
         if not labels:
-            raise DatasetError(
+            raise NothingLeftError(
                 f"{owner}: every one of its {len(texts)} conversations has its first response begin after "
                 f"max_length={max_length} tokens, so no response token is left to learn; raise training.max_length "
                 "or shorten the prompts"

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, masking_utils
 
 from fedlm import FedClient
-from fedlm.errors import ConfigError, DatasetError, ModelError, WireError
+from fedlm.errors import ConfigError, DatasetError, ModelError, NothingLeftError, WireError
 from fedlm.gate import checked_evaluation
 from fedlm.models import load_tokenizer
-from fedlm.protocol import EvaluateRes
+from fedlm.protocol import EvaluateIns, EvaluateRes
 from fedlm.tasks import TASKS, CausalLMTask, task_of_model
 from fedlm.tasks.text import IGNORED_TARGET, EncodedDataset, batches, length_grouped, pack
 
@@ -111,6 +111,26 @@ def test_a_client_reports_its_skipped_rows_once_and_in_its_training_metrics(tiny
         "(raise it to keep them)"
     ]
     assert first["skipped_examples"] == second["skipped_examples"] == 1 and first["num_examples"] == 2
+
+
+def test_a_test_split_of_only_over_long_conversations_reports_no_results_and_says_so_once(
+    tiny_llama_dir, tokenizer, caplog
+):
+    long_prompt = [{"role": "user", "content": "the " * 50}, {"role": "assistant", "content": "yes"}]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    client = FedClient([{"messages": CONVERSATION[1:3]}], model, tokenizer, name="a", max_length=40,
+                       test_dataset=[{"messages": long_prompt}])  # fmt: skip
+    ins = EvaluateIns(client.get_parameters(), {})
+    with caplog.at_level(logging.WARNING, logger="fedlm"):
+        first, second = client.evaluate(ins), client.evaluate(ins)
+    assert first.num_examples == second.num_examples == 0 and first.metrics == {}
+    assert [record.getMessage() for record in caplog.records] == [
+        "client a test set: every one of its 1 conversations has its first response begin after max_length=40 "
+        "tokens, so no response token is left to learn; raise training.max_length or shorten the prompts; it "
+        "reports no test results"
+    ]
+    with pytest.raises(NothingLeftError):  # training on such data is an error
+        FedClient([{"messages": long_prompt}], model, tokenizer, name="b", max_length=40).local_train()
 
 
 def test_a_tokenizer_without_a_pad_token_pads_with_its_end_of_sequence_token(
