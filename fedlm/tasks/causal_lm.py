@@ -15,7 +15,6 @@ mean loss over all labelled tokens of a dataset (token-weighted) and its exponen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from typing import Any, ClassVar, Literal
@@ -23,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from fedlm.data.dataset import TextDataset, read_columns
-from fedlm.errors import ConfigError, DatasetError, ModelError, NothingLeftError
+from fedlm.errors import DatasetError, ModelError, NothingLeftError
 from fedlm.models.loading import is_causal_lm, load_pretrained
 from fedlm.tasks.base import Task
 from fedlm.tasks.text import (
@@ -31,6 +30,7 @@ from fedlm.tasks.text import (
     IGNORED_TARGET,
     EncodedDataset,
     batches,
+    check_rouge_installed,
     forward_options,
     pack,
     rouge_l_scores,
@@ -147,11 +147,8 @@ class CausalLMTask(Task):
         packing: bool = False,
         rouge_l: bool = False,
     ) -> None:
-        if rouge_l and importlib.util.find_spec("rouge_score") is None:
-            raise ConfigError(
-                "task.rouge_l scores the samples with the rouge-score package, which is not installed: "
-                "pip install 'fedlm[rouge]'"
-            )
+        if rouge_l:
+            check_rouge_installed("task.rouge_l")
         self.rouge_l = rouge_l
         self.format = format
         self.chat_template = chat_template

@@ -133,7 +133,22 @@ def evaluate_model(
     return {"loss": total_loss / len(data), **classification_metrics(predictions, data.labels)}
 
 
-class ClassificationTask(Task):
+class LabelMapMetadata:
+    """The metadata methods of a task whose metadata is a `LabelMap` (classes, tags): as JSON, and
+    written into a model's config (id2label, label2id)."""
+
+    def metadata_to_json(self, metadata: LabelMap) -> dict[str, int]:
+        return dict(metadata.label2id)
+
+    def metadata_from_json(self, value: Any) -> LabelMap:
+        return LabelMap({str(key): int(index) for key, index in value.items()})
+
+    def annotate_model(self, model: torch.nn.Module, metadata: LabelMap) -> None:
+        model.config.id2label = dict(metadata.id2label)
+        model.config.label2id = dict(metadata.label2id)
+
+
+class ClassificationTask(LabelMapMetadata, Task):
     """Sequence classification: a label column (detected by name: label, category, topic, ...)
     whose values are classes; the metadata is the federation's `LabelMap` of at most
     `max_labels` classes (a run's `data.max_labels`)."""
@@ -171,12 +186,6 @@ class ClassificationTask(Task):
             return LabelMap({str(key): int(value) for key, value in configured.items()})
         return None
 
-    def metadata_to_json(self, metadata: LabelMap) -> dict[str, int]:
-        return dict(metadata.label2id)
-
-    def metadata_from_json(self, value: Any) -> LabelMap:
-        return LabelMap({str(key): int(index) for key, index in value.items()})
-
     def encode_targets(self, metadata: LabelMap, targets: list[Any], owner: str) -> list[int]:
         return metadata.encode(targets, owner)
 
@@ -185,10 +194,6 @@ class ClassificationTask(Task):
 
     def check_model(self, model: torch.nn.Module, metadata: LabelMap, owner: str) -> None:
         metadata.check_fits(model.config.num_labels, owner)
-
-    def annotate_model(self, model: torch.nn.Module, metadata: LabelMap) -> None:
-        model.config.id2label = dict(metadata.id2label)
-        model.config.label2id = dict(metadata.label2id)
 
     def evaluate(
         self, model: torch.nn.Module, data: EncodedDataset, batch_size: int, pad_id: int, device: str = "cpu"

@@ -10,7 +10,6 @@ end-of-sequence token, and each client counts its cut targets.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from typing import Any, ClassVar
@@ -18,10 +17,18 @@ from typing import Any, ClassVar
 import torch
 
 from fedlm.data.dataset import TextDataset, read_columns
-from fedlm.errors import ConfigError, DatasetError, ModelError
+from fedlm.errors import DatasetError, ModelError
 from fedlm.models.loading import load_pretrained
 from fedlm.tasks.base import Task
-from fedlm.tasks.text import CHARS_PER_TOKEN, IGNORED_TARGET, EncodedDataset, batches, rouge_l_scores, sample_indices
+from fedlm.tasks.text import (
+    CHARS_PER_TOKEN,
+    IGNORED_TARGET,
+    EncodedDataset,
+    batches,
+    check_rouge_installed,
+    rouge_l_scores,
+    sample_indices,
+)
 
 logger = logging.getLogger("fedlm")
 
@@ -44,11 +51,8 @@ class Seq2SeqTask(Task):
     ranges: ClassVar[dict[str, tuple[float, float]]] = {"perplexity": (1.0, math.inf)}
 
     def __init__(self, samples: int = 16, max_new_tokens: int = 48) -> None:
-        if samples and importlib.util.find_spec("rouge_score") is None:
-            raise ConfigError(
-                "task seq2seq scores its samples with ROUGE-L (the rouge-score package, not installed): "
-                "pip install 'fedlm[rouge]', or set task.samples: 0"
-            )
+        if samples:
+            check_rouge_installed("task seq2seq (with task.samples > 0)")
         self.samples = samples
         self.max_new_tokens = max_new_tokens
 

@@ -143,6 +143,18 @@ def sample_indices(size: int, count: int, seed: int) -> list[int]:
     return sorted(order[: min(count, size)].tolist())
 
 
+def check_rouge_installed(what: str) -> None:
+    """A ConfigError naming `what` (the option that scores samples) unless rouge-score is installed."""
+    import importlib.util
+
+    from fedlm.errors import ConfigError
+
+    if importlib.util.find_spec("rouge_score") is None:
+        raise ConfigError(
+            f"{what} scores the samples with ROUGE-L (rouge-score, not installed): pip install 'fedlm[rouge]'"
+        )
+
+
 def rouge_l_scores(prompts: list[dict], responses: list[str]) -> list[dict[str, float]]:
     """Each response's ROUGE-L F-measure against its prompt's "reference" (Google's rouge-score:
     lowercased alphanumeric words, no stemming; 0 for an empty response)."""

@@ -33,7 +33,7 @@ from fedlm.data.dataset import TextDataset, read_columns
 from fedlm.errors import ConfigError, DatasetError, ModelError
 from fedlm.models.loading import load_pretrained
 from fedlm.tasks.base import Task
-from fedlm.tasks.classification import LabelMap
+from fedlm.tasks.classification import LabelMap, LabelMapMetadata
 from fedlm.tasks.text import IGNORED_TARGET, EncodedDataset, batches
 
 logger = logging.getLogger("fedlm")
@@ -106,7 +106,7 @@ def scheme_of(tags: Iterable[str]) -> str:
     return "IOBES" if any(tag[:2] in ("E-", "S-") for tag in tags) else "BIO"
 
 
-class TokenClassificationTask(Task):
+class TokenClassificationTask(LabelMapMetadata, Task):
     """Tagging words (see the module docstring); the metadata is the federation's `LabelMap` of
     tags. `tag_names`: the tag of each id, for data whose tags are ids."""
 
@@ -208,12 +208,6 @@ class TokenClassificationTask(Task):
             return LabelMap({str(key): int(value) for key, value in configured.items()})
         return None
 
-    def metadata_to_json(self, metadata: LabelMap) -> dict[str, int]:
-        return dict(metadata.label2id)
-
-    def metadata_from_json(self, value: Any) -> LabelMap:
-        return LabelMap({str(key): int(index) for key, index in value.items()})
-
     def encode_targets(self, metadata: LabelMap, targets: list[Any], owner: str) -> list[Any]:
         return [(words, metadata.encode(tags, owner)) for words, tags in targets]
 
@@ -266,10 +260,6 @@ class TokenClassificationTask(Task):
             )
         metadata.check_fits(model.config.num_labels, owner)
         self.annotate_model(model, metadata)
-
-    def annotate_model(self, model: torch.nn.Module, metadata: LabelMap) -> None:
-        model.config.id2label = dict(metadata.id2label)
-        model.config.label2id = dict(metadata.label2id)
 
     @torch.no_grad()
     def evaluate(
