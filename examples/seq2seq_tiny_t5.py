@@ -1,10 +1,10 @@
-"""Task seq2seq on a T5 built here: no pretrained encoder-decoder ships in a PyPI package, so this
-trains a small T5 from random weights (a WordPiece tokenizer fitted to the data, 2 + 2 layers) to
-answer Chit Chat's opening messages with the replies they got, federated over 4 clients. It shows
-the task's machinery (teacher-forced loss, perplexity, greedy samples scored with ROUGE-L in
-OUTPUT/samples/), not a useful model: for that, give a local T5 or BART folder as model.name.
+"""The inputs of examples/configs/seq2seq-tiny-t5.yaml: no pretrained encoder-decoder ships in a
+PyPI package, so this writes Chit Chat's opening messages and the replies they got (pairs.jsonl,
+source and target) and a small T5 to train from random weights on them (model/: a WordPiece
+tokenizer fitted to the pairs, 2 + 2 layers), into runs/seq2seq-tiny-t5-inputs/. Then
 
-    python examples/seq2seq_tiny_t5.py --pairs 2000 --rounds 5
+    python examples/seq2seq_tiny_t5.py --pairs 2000
+    fedlm run examples/configs/seq2seq-tiny-t5.yaml
 """
 
 import argparse
@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fedlm.config import parse_config
 from fedlm.data import load_bundled_dataset
-from fedlm.runtime import build_simulation, run_federation
 
 
 def opening_pairs(count: int) -> list[dict]:
@@ -51,25 +49,14 @@ def build_model(folder: Path, pairs: list[dict], vocabulary: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--vocabulary", type=int, default=2000)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/seq2seq-tiny-t5"))
+    parser.add_argument("--inputs", type=Path, default=Path("runs/seq2seq-tiny-t5-inputs"))
     args = parser.parse_args()
     pairs = opening_pairs(args.pairs)
-    work = args.output_dir.parent / f"{args.output_dir.name}-inputs"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "pairs.jsonl").write_text("\n".join(json.dumps(pair) for pair in pairs))
-    build_model(work / "model", pairs, args.vocabulary)
-    config = parse_config({
-        "seed": 0, "output_dir": str(args.output_dir), "model": {"name": str(work / "model")},
-        "task": {"kind": "seq2seq", "samples": 8, "max_new_tokens": 16},
-        "data": {"dataset": str(work / "pairs.jsonl"), "validation_fraction": 0.1, "client_test_fraction": 0.1,
-                 "partition": {"kind": "iid", "num_clients": 4}},
-        "federation": {"rounds": args.rounds},
-        "training": {"learning_rate": 3e-3, "max_length": 48, "batch_size": 16},
-    })  # fmt: skip
-    for record in run_federation(build_simulation(config)):
-        print(json.dumps({key: record[key] for key in ("round", "val_perplexity", "sample_rouge_l")}))
+    args.inputs.mkdir(parents=True, exist_ok=True)
+    (args.inputs / "pairs.jsonl").write_text("\n".join(json.dumps(pair) for pair in pairs))
+    build_model(args.inputs / "model", pairs, args.vocabulary)
+    print(f"wrote {args.inputs}/pairs.jsonl ({len(pairs)} pairs) and {args.inputs}/model")
 
 
 if __name__ == "__main__":

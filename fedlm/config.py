@@ -631,6 +631,11 @@ class DistillationConfig(DistillationTraining):
         "logits", description="what clients send: logits, or probabilities at the temperature"
     )
     digest_epochs: int = Field(0, ge=0, description="FedMD's digest: epochs clients distil from the last consensus")
+    soft_labels_cover: Literal["all", "own_labels"] = Field(
+        "all",
+        description="own_labels: clients are experts on different label sets; each one's soft labels cover the "
+        "labels of its own data, and the student (over their union) matches each over those only",
+    )
     top_k: int = Field(
         16, ge=1, le=1024, description="decoders (task causal_lm): the next tokens per position each client sends"
     )
@@ -843,6 +848,11 @@ class RunConfig(Section):
                 )
             if isinstance(self.algorithm, EnsembleDistillationConfig):
                 raise ValueError("dp with ensemble_distillation: the server distils from the clients' raw models")
+            if isinstance(self.algorithm, DistillationConfig) and self.algorithm.soft_labels_cover != "all":
+                raise ValueError(
+                    "dp with algorithm.soft_labels_cover own_labels: dp releases only the noisy mean of the clients' "
+                    "probabilities, and own_labels restricts each client's to its labels; use soft_labels_cover all"
+                )
             if self.strategy.robust is not None or self.strategy.kind == "scaffold":
                 raise ValueError(
                     "dp sends the strategy one noisy average per round: robust aggregation and scaffold's control "
@@ -913,6 +923,9 @@ class RunConfig(Section):
                 algorithm.hard_label_weight > 0
             ),
             "dp (top-k token ids cannot be clipped and noised as one vector)": self.dp is not None,
+            "soft_labels_cover: own_labels (a decoder's clients have no label sets)": (
+                algorithm.soft_labels_cover != "all"
+            ),
         }
         refused = [problem for problem, present in problems.items() if present]
         if refused:

@@ -17,6 +17,8 @@ TOPIC_WORDS = {
     "sport": "game match team player win season coach goal cup".split(),
     "tech": "software computer phone internet users technology data network digital".split(),
 }
+# a fourth topic, for clients that know different topics; make_records draws from it only when asked
+POLITICS_WORDS = "election vote government minister party policy law".split()
 FILLER = "the a of to in and is was for on with as by at from it this that said new one year people time".split()
 
 
@@ -78,13 +80,15 @@ def fail_in_round(server, names: set[str], round_number: int) -> None:
 
 
 def make_records(num: int, seed: int, labels: list[str] | None = None) -> list[dict]:
-    """`num` short texts; each mixes filler words with three words of its topic."""
+    """`num` short texts; each mixes filler words with three words of its topic (`labels`: the
+    three of TOPIC_WORDS, or any of them and politics)."""
     rng = random.Random(seed)
     labels = labels or sorted(TOPIC_WORDS)
+    topics = {**TOPIC_WORDS, "politics": POLITICS_WORDS}
     records = []
     for _ in range(num):
         label = rng.choice(labels)
-        words = rng.sample(FILLER, 6) + rng.sample(TOPIC_WORDS[label], 3)
+        words = rng.sample(FILLER, 6) + rng.sample(topics[label], 3)
         rng.shuffle(words)
         records.append({"text": " ".join(words), "label": label})
     return records

@@ -66,6 +66,7 @@ class DecoderDistillation(FederatedDistillation):
         self.public_data = public
         self.top_k = top_k
         self.vocabulary = vocabulary_fingerprint(tokenizer)
+        self._encoded: EncodedDataset | None = None
         self._positions: int | None = None
 
     def client_config(self) -> dict[str, Any]:
@@ -79,9 +80,9 @@ class DecoderDistillation(FederatedDistillation):
             "vocabulary": self.vocabulary,
         }
 
-    def join(self, clients: list[Any]) -> None:
+    def join(self, clients: list[Any], target_keys: dict[str, list[str]]) -> None:
         """In process: every client (whose tokenizer must have the student's vocabulary) predicts
-        on the public set from now on."""
+        on the public set from now on (a decoder's clients declare no labels)."""
         for client in clients:
             if vocabulary_fingerprint(client.tokenizer) != self.vocabulary:
                 raise ConfigError(

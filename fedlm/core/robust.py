@@ -6,6 +6,7 @@ coordinate instead of a K x P matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from abc import ABC, abstractmethod
 
@@ -162,7 +163,7 @@ def clip_to_norm(updates: list[ClientUpdate], max_norm: float) -> list[ClientUpd
     for update in updates:
         norm = float(update.delta.norm())
         if norm > max_norm:
-            update = ClientUpdate(update.delta * (max_norm / norm), update.num_examples, update.metrics, update.extras)
+            update = dataclasses.replace(update, delta=update.delta * (max_norm / norm))
         clipped.append(update)
     return clipped
 

@@ -14,13 +14,15 @@ class ClientUpdate:
 
     `delta` is one flat float32 vector; `num_examples` is the number of local training examples
     (the FedAvg weight n_k); `metrics` are the client's scalar training metrics; `extras` holds
-    further flat vectors a strategy asks for (SCAFFOLD's control-variate change).
+    further flat vectors a strategy asks for (SCAFFOLD's control-variate change); `client` is
+    the sender's name ("" for an update the server made, such as a noisy average).
     """
 
     delta: torch.Tensor
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    client: str = ""
 
 
 def train_summary(updates: list[ClientUpdate]) -> dict[str, float]:

@@ -303,5 +303,5 @@ def build_algorithm(
     check_max_length(config, student, student_name)
     return FederatedDistillation(
         public, student, load_tokenizer(student_name), client_output=settings.client_output,
-        digest_epochs=settings.digest_epochs, **columns, **training,
+        digest_epochs=settings.digest_epochs, soft_labels_cover=settings.soft_labels_cover, **columns, **training,
     )  # fmt: skip

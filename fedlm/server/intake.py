@@ -21,22 +21,28 @@ logger = logging.getLogger("fedlm")
 
 @dataclass(frozen=True)
 class Declared:
-    """The training and test examples each client declared when it joined (a `FedClient`'s data
-    is in process), and `cap`, the most examples one client's update counts for (None: what it
-    declared)."""
+    """The training and test examples and the target keys (classification: the labels) each
+    client declared when it joined (a `FedClient`'s data is in process), and `cap`, the most
+    examples one client's update counts for (None: what it declared)."""
 
     examples: dict[str, int]
     test_examples: dict[str, int]
+    target_keys: dict[str, list[str]]
     cap: int | None = None
 
     @classmethod
     def of(cls, clients: Sequence[Any], cap: int | None) -> Declared:
         if cap is not None and cap < 1:
             raise ConfigError(f"max_client_examples must be >= 1, got {cap}")
-        sizes = {client.name: _sizes(client) for client in clients}
-        return cls(
-            {name: size[0] for name, size in sizes.items()}, {name: size[1] for name, size in sizes.items()}, cap
-        )
+        examples, test_examples, target_keys = {}, {}, {}
+        for client in clients:
+            if isinstance(client, FedClient):
+                examples[client.name], test_examples[client.name] = len(client.data), len(client.test_data or [])
+                target_keys[client.name] = client.target_keys()
+            else:
+                examples[client.name], test_examples[client.name] = client.num_examples, client.num_test_examples
+                target_keys[client.name] = client.target_keys
+        return cls(examples, test_examples, target_keys, cap)
 
     def counted(self, num_examples: int) -> int:
         return num_examples if self.cap is None else min(num_examples, self.cap)
@@ -70,11 +76,13 @@ def gate_replies(
             if isinstance(reply, str):
                 raise WireError(reply)
             if summed:
-                updates.append(ClientUpdate(torch.zeros(0), declared.counted(declared.examples[name]), reply.metrics))
+                updates.append(
+                    ClientUpdate(torch.zeros(0), declared.counted(declared.examples[name]), reply.metrics, client=name)
+                )
                 continue
             delta, examples, metrics, extras = checked_update(reply, upload_numel(name), declared.examples[name])
             delta, extras = to_global(name, delta, extras)
-            update = ClientUpdate(delta, declared.counted(examples), metrics, extras)
+            update = ClientUpdate(delta, declared.counted(examples), metrics, extras, name)
             check(update)
         except WireError as error:
             logger.warning("round %d: client %s dropped: %s", round_number, describe(name), error)
@@ -82,9 +90,3 @@ def gate_replies(
             continue
         updates.append(update)
     return updates, dropped
-
-
-def _sizes(client: Any) -> tuple[int, int]:
-    if isinstance(client, FedClient):
-        return len(client.data), len(client.test_data or [])
-    return client.num_examples, client.num_test_examples

@@ -90,8 +90,8 @@ class FedServer(SeedApi):
         self.round, self.history, self.stop_reason = 0, [], None
         self.declared = Declared.of(self.clients, max_client_examples)  # replies may not claim more
         self.transport.max_reply_bytes = self.channel.max_reply_bytes(self.upload_numel())
-        if in_process and self.algorithm.replaces_weights:
-            self.algorithm.join(self.clients)
+        if self.algorithm.replaces_weights:
+            self.algorithm.join(self.clients if in_process else [], self.declared.target_keys)
         elif in_process:
             self.broadcast_model()
 

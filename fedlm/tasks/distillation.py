@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedlm.core.distillation import distillation_loss, sparse_distillation_loss
+from fedlm.core.distillation import MaskedSoftLabels, distillation_loss, sparse_distillation_loss
 from fedlm.tasks.text import IGNORED_TARGET, EncodedDataset, batches, forward_options
 
 TOP_K_TOKENS = "top_k_tokens"  # the extra vector of a decoder's distillation reply: its top-k token ids
@@ -42,7 +42,7 @@ def predict_logits(
 def distil(
     model: torch.nn.Module,
     data: EncodedDataset,
-    soft_labels: torch.Tensor,
+    soft_labels: torch.Tensor | MaskedSoftLabels,
     temperature: float,
     epochs: int,
     learning_rate: float,
@@ -53,11 +53,12 @@ def distil(
     hard_label_weight: float = 0.0,
     max_grad_norm: float | None = 1.0,
 ) -> float:
-    """Train `model` on `data` towards `soft_labels` (one distribution per example) with the KD
-    loss at `temperature`, mixed with cross-entropy on `data.labels` when `hard_label_weight` > 0
-    (then every label must be known, >= 0). Returns the mean loss of the last epoch."""
-    if soft_labels.shape[0] != len(data):
-        raise ValueError(f"{soft_labels.shape[0]} soft labels for {len(data)} examples")
+    """Train `model` on `data` towards `soft_labels` (one distribution per example, or each
+    client's over its own labels) with the KD loss at `temperature`, mixed with cross-entropy on
+    `data.labels` when `hard_label_weight` > 0 (then every label must be known, >= 0). Returns the
+    mean loss of the last epoch."""
+    if len(soft_labels) != len(data):
+        raise ValueError(f"{len(soft_labels)} soft labels for {len(data)} examples")
     use_labels = hard_label_weight > 0
     if use_labels and min(data.labels) < 0:
         raise ValueError("hard_label_weight > 0 needs a labelled public set")

@@ -44,6 +44,18 @@ def nodes(client_files: dict[str, Path], **extra: dict) -> dict[str, dict]:
     return {name: {"dataset": str(client_files[name]), **extra.get(name, {})} for name in NAMES}
 
 
+def deployed_and_simulated(config: Path, node_configs: dict[str, dict], tmp_path: Path) -> tuple[list, list]:
+    """The round records of `config` run over the Flower apps with `node_configs` and of its
+    simulation (into tmp_path / "simulated"), once every round after the first had all three
+    nodes and the two final models are equal bit for bit."""
+    run_in_process(config, node_configs)
+    deployed = read_metrics(tmp_path / "config")
+    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    simulated = simulate(config, tmp_path / "simulated")
+    assert same_model(tmp_path / "config", simulated)
+    return deployed, read_metrics(simulated)
+
+
 def test_stack_with_a_lower_rank_node_matches_simulation_bit_for_bit(write_config, client_files, tmp_path):
     # alpha trains a rank-2 adapter (its node config says so; the simulation gives client 0 rank 2),
     # the others rank 4; stack sends each node the folded base weights and an adapter of its rank
@@ -52,15 +64,11 @@ def test_stack_with_a_lower_rank_node_matches_simulation_bit_for_bit(write_confi
         training={"learning_rate": 1e-2},
         federation=NO_CLIENT_EVALUATION,
     )
-    run_in_process(config, nodes(client_files, alpha={"lora-rank": 2}))
-    deployed = read_metrics(tmp_path / "config")
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    deployed, simulated = deployed_and_simulated(config, nodes(client_files, alpha={"lora-rank": 2}), tmp_path)
     assert deployed[1]["lora_aggregation_error"]["overall"] < 1e-4  # exact
     sent = deployed[1]["client_bytes"]
     assert sent["alpha"]["down"] < sent["beta"]["down"] == sent["gamma"]["down"]  # a smaller adapter
-    simulated = simulate(config, tmp_path / "simulated")
-    assert same_model(tmp_path / "config", simulated)
-    assert [r.get("train_loss") for r in deployed] == [r.get("train_loss") for r in read_metrics(simulated)]
+    assert [r.get("train_loss") for r in deployed] == [r.get("train_loss") for r in simulated]
 
 
 def test_distillation_with_two_architectures_matches_simulation_bit_for_bit(write_config, client_files, tmp_path):
@@ -77,15 +85,37 @@ def test_distillation_with_two_architectures_matches_simulation_bit_for_bit(writ
         },
         training={"learning_rate": 3e-3},
     )  # fmt: skip
-    run_in_process(config, nodes(client_files, beta={"model": str(four_layers)}))
-    deployed = read_metrics(tmp_path / "config")
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    deployed, simulated = deployed_and_simulated(
+        config, nodes(client_files, beta={"model": str(four_layers)}), tmp_path
+    )
     assert deployed[2]["bytes_up"] < 3 * (80 * 3 * 4 + 2_000)  # outputs on the public set, not weights
-    simulated = simulate(config, tmp_path / "simulated")
-    assert same_model(tmp_path / "config", simulated)
-    for ours, theirs in zip(deployed, read_metrics(simulated)):
+    for ours, theirs in zip(deployed, simulated):
         assert ours.get("student_loss") == theirs.get("student_loss")
         assert ours["client_test"] == theirs["client_test"]  # each client's own model, on its test split
+
+
+def test_experts_on_different_labels_distil_over_flower_as_in_simulation(tiny_model_dir, tmp_path):
+    # each node declares its labels when it joins; the server restricts each node's soft labels
+    # to them from those declarations, exactly as the simulation does from the clients' data
+    label_sets = {"alpha": ["business", "sport"], "beta": ["sport", "tech"], "gamma": ["business", "tech"]}
+    files = {}
+    for index, (name, labels) in enumerate(label_sets.items()):
+        files[name] = tmp_path / f"{name}.csv"
+        rows = make_records(40, seed=20 + index, labels=labels)
+        files[name].write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    public = tmp_path / "public.csv"
+    public.write_text("text\n" + "\n".join(record["text"] for record in make_records(60, seed=7)) + "\n")
+    config = config_writer(tmp_path, tiny_model_dir, files)(
+        algorithm={"kind": "distillation", "learning_rate": 3e-3, "epochs": 2, "soft_labels_cover": "own_labels",
+                   "public_data": {"dataset": str(public)}},
+        training={"learning_rate": 3e-3}, federation={"rounds": 2, **NO_CLIENT_EVALUATION},
+    )  # fmt: skip
+    deployed, simulated = deployed_and_simulated(config, nodes(files), tmp_path)
+    assert [r.get("student_loss") for r in deployed] == [r.get("student_loss") for r in simulated]
+    every_label = load_config(config).algorithm.model_copy(update={"soft_labels_cover": "all"})
+    assert not same_model(
+        tmp_path / "simulated", simulate(config, tmp_path / "all", algorithm=every_label)
+    )  # the masks mattered
 
 
 def test_secure_aggregation_over_flower_gives_the_plain_models_sum(write_config, client_files, tmp_path):
@@ -178,13 +208,9 @@ def test_a_decoder_with_lora_over_flower_matches_simulation_bit_for_bit(tiny_lla
         peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
         training={"learning_rate": 1e-2, "max_length": 48},
     )
-    run_in_process(config, nodes(files))
-    deployed = read_metrics(tmp_path / "config")
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    deployed, simulated = deployed_and_simulated(config, nodes(files), tmp_path)
     assert {item["client"] for item in deployed[-1]["client_test"]} == set(NAMES)
-    simulated = simulate(config, tmp_path / "simulated")
-    assert same_model(tmp_path / "config", simulated)
-    for ours, theirs in zip(deployed, read_metrics(simulated)):
+    for ours, theirs in zip(deployed, simulated):
         assert ours.get("train_loss") == theirs.get("train_loss")
         assert ours["client_test"] == theirs["client_test"]  # each node's perplexity on its test split
 
@@ -199,14 +225,10 @@ def test_tagging_over_flower_matches_simulation_bit_for_bit(tiny_model_dir, tmp_
     config = config_writer(tmp_path, tiny_model_dir, files)(
         task={"kind": "token_classification"}, training={"learning_rate": 1e-2, "max_length": 32}
     )
-    run_in_process(config, nodes(files))
-    deployed = read_metrics(tmp_path / "config")
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
+    deployed, simulated = deployed_and_simulated(config, nodes(files), tmp_path)
     assert {item["client"] for item in deployed[-1]["client_test"]} == set(NAMES)
     assert all("f1" in item and "f1_PER" in item for item in deployed[-1]["client_test"])
-    simulated = simulate(config, tmp_path / "simulated")
-    assert same_model(tmp_path / "config", simulated)
-    for ours, theirs in zip(deployed, read_metrics(simulated)):
+    for ours, theirs in zip(deployed, simulated):
         assert ours["client_test"] == theirs["client_test"]  # each node's entity F1 on its test split
 
 
@@ -224,11 +246,7 @@ def test_distillation_of_decoders_over_flower_matches_simulation_bit_for_bit(tin
                    "learning_rate": 1e-2},
         training={"learning_rate": 1e-2, "max_length": 48},
     )  # fmt: skip
-    run_in_process(config, nodes(files))
-    deployed = read_metrics(tmp_path / "config")
-    assert all(record["clients"] == 3 and not record["dropped"] for record in deployed[1:])
-    simulated = simulate(config, tmp_path / "simulated")
-    assert same_model(tmp_path / "config", simulated)
-    for ours, theirs in zip(deployed, read_metrics(simulated)):
+    deployed, simulated = deployed_and_simulated(config, nodes(files), tmp_path)
+    for ours, theirs in zip(deployed, simulated):
         assert ours.get("student_loss") == theirs.get("student_loss")
         assert ours.get("sample") == theirs.get("sample")

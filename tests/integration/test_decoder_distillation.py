@@ -82,5 +82,7 @@ def test_decoders_with_another_vocabulary_and_options_made_for_classes_are_refus
     tokenizer.save_pretrained(other)
     with pytest.raises(ConfigError, match=r"client client-1: its tokenizer's vocabulary .* is not the student's"):
         build_simulation(config(setup, tmp_path / "run", client_models=[str(setup["two"]), str(other)]))
-    with pytest.raises(ConfigError, match=r"does not take client_output: probabilities .*; digest_epochs > 0"):
-        config(setup, tmp_path / "run", client_output="probabilities", digest_epochs=1)
+    with pytest.raises(
+        ConfigError, match=r"does not take client_output: probabilities .*; digest_epochs > 0.*; soft_labels_cover"
+    ):
+        config(setup, tmp_path / "run", client_output="probabilities", digest_epochs=1, soft_labels_cover="own_labels")

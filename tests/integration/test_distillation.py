@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from fedlm import FedClient, FedServer
 from fedlm.algorithms import EnsembleDistillation, FederatedDistillation
 from fedlm.config import parse_config
 from fedlm.core.distillation import soften
+from fedlm.core.privacy import DifferentialPrivacy
 from fedlm.data.partition import DirichletPartitioner
 from fedlm.errors import ConfigError, DatasetError, FedlmError
 from fedlm.models.federated import set_federated_vector
@@ -134,7 +137,7 @@ def test_ensemble_distillation_moves_the_average_towards_the_clients_ensemble(fo
     refine.refine = spy
     record = server.fit(rounds=1, local_epochs=1)[0]
     assert record["ensemble_distillation_loss"] >= 0
-    public = refine.public.encode(server.global_model, with_labels=False)
+    public = refine.public.encoded(server.global_model, with_labels=False)
 
     def probabilities(vector):
         probe = server.get_model()
@@ -203,3 +206,69 @@ def test_clients_probabilities_can_be_clipped_noised_and_accounted(config_data_f
     assert (soft >= 0).all() and soft.sum(dim=-1).allclose(torch.ones(len(soft), dtype=soft.dtype))
     with pytest.raises(ConfigError, match="set algorithm.client_output: probabilities"):
         parse_config({**data, "algorithm": {**algorithm, "client_output": "logits"}})
+    with pytest.raises(ConfigError, match="dp with algorithm.soft_labels_cover own_labels: dp releases only"):
+        parse_config({**data, "algorithm": {**algorithm, "soft_labels_cover": "own_labels"}})
+
+
+EXPERT_TOPICS = ["business", "politics", "sport", "tech"]
+
+
+def expert_clients(folders) -> list[FedClient]:
+    """A news desk that knows business, politics and sport, a tech desk that knows politics,
+    sport and tech: label sets that overlap in two labels, each with one label of its own."""
+    desks = {"news-desk": ["business", "politics", "sport"], "tech-desk": ["politics", "sport", "tech"]}
+    return [
+        FedClient(make_records(150, 11 + index, labels), load_classifier(str(folders["two"]), 4, seed=index),
+                  name=name, **OPTIONS)
+        for index, (name, labels) in enumerate(desks.items())
+    ]  # fmt: skip
+
+
+def experts_distillation(folders, **options) -> FederatedDistillation:
+    public = [record["text"] for record in make_records(300, 3, EXPERT_TOPICS)]
+    student = load_classifier(str(folders["two"]), 4, seed=9)
+    return FederatedDistillation(public, student, **{**STUDENT, "learning_rate": 3e-3, **options})
+
+
+def test_experts_on_different_labels_distil_into_a_student_that_beats_each_of_them(folders, caplog):
+    """Over the union of the experts' labels, with soft labels restricted to each expert's own,
+    the student knows all four topics; averaging the experts' full distributions instead lets each
+    expert outvote the other's own topic (it gives almost nothing to a label it never saw)."""
+    caplog.set_level(logging.INFO, logger="fedlm")
+    union_validation = make_records(300, 4, EXPERT_TOPICS)
+    accuracy = {}
+    for cover in ("all", "own_labels"):
+        clients = expert_clients(folders)
+        server = FedServer(clients, algorithm=experts_distillation(folders, soft_labels_cover=cover), seed=0)
+        accuracy[cover] = server.fit(rounds=2, local_epochs=3, validation=union_validation)[-1]["val_accuracy"]
+    validation = server.encode_dataset(union_validation)
+    experts = [evaluate_model(client.model, validation, 16, 0)["accuracy"] for client in clients]
+    assert max(experts) < 0.8  # each misses the topic only the other knows (a quarter of the texts)
+    assert accuracy["own_labels"] > max(experts) + 0.15, (accuracy, experts)
+    assert accuracy["own_labels"] > accuracy["all"] + 0.15, (accuracy, experts)
+    assert server.global_model.metadata.label2id == {"business": 0, "politics": 1, "sport": 2, "tech": 3}
+    assert (
+        "union of the clients' labels (4: business, politics, sport, tech); each client's soft labels cover its own: "
+        "news-desk: business, politics, sport; tech-desk: politics, sport, tech" in caplog.text
+    )
+
+
+def test_experts_digest_the_students_prediction_and_label_sets_that_share_nothing_are_warned_of(folders, caplog):
+    server = FedServer(
+        expert_clients(folders),
+        algorithm=experts_distillation(folders, soft_labels_cover="own_labels", digest_epochs=1),
+    )
+    server.fit(rounds=1, local_epochs=1)
+    public = server.algorithm.public.encoded(server.global_model, with_labels=False)
+    student = soften(predict_logits(server.get_model(), public, 16, 0), STUDENT["temperature"])
+    assert torch.equal(server.algorithm.soft_labels, student)  # the consensus the next round sends down
+    assert "groups that share no label" not in caplog.text
+    apart = [FedClient(make_records(20, 5, labels), load_classifier(str(folders["two"]), 4, seed=0), name=name)
+             for name, labels in (("a", ["business", "sport"]), ("b", ["politics", "tech"]))]  # fmt: skip
+    FedServer(apart, algorithm=experts_distillation(folders, soft_labels_cover="own_labels"))
+    assert "form 2 groups that share no label (business, sport | politics, tech)" in caplog.text
+    with pytest.raises(ConfigError, match="soft_labels_cover own_labels restricts .* dp releases only"):
+        private = DifferentialPrivacy(noise_multiplier=1.0, clip_norm=1.0, expected_clients=2)
+        FedServer(apart, private, algorithm=experts_distillation(folders, soft_labels_cover="own_labels")).fit(1)
+    with pytest.raises(ConfigError, match="soft_labels_cover must be one of"):
+        experts_distillation(folders, soft_labels_cover="mine")

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from fedlm.core.distillation import (
+    MaskedSoftLabels,
     aggregate_soft_labels,
     distillation_loss,
     merge_top_k,
+    restrict,
     soften,
     sparse_distillation_loss,
 )
@@ -55,6 +57,53 @@ def test_kd_loss_is_t_squared_kl_mixed_with_cross_entropy():
     assert float(
         distillation_loss(torch.tensor([[3.0, 1.0]]), soften(torch.tensor([[3.0, 1.0]]), 2.0), 2.0)
     ) == pytest.approx(0, abs=1e-7)
+
+
+def test_clients_probabilities_are_restricted_to_their_own_labels():
+    mask = torch.tensor([True, True, False])
+    assert restrict(torch.tensor([[0.3, 0.1, 0.6]]), mask)[0].tolist() == pytest.approx([0.75, 0.25, 0.0])
+    # no mass on its own labels at all: nothing to say between them, uniform over them
+    assert restrict(torch.tensor([[0.0, 0.0, 1.0]]), mask)[0].tolist() == [0.5, 0.5, 0.0]
+
+
+def test_masked_kd_loss_matches_each_client_over_its_own_labels_only():
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # the two-class KL of the test above
+    one = MaskedSoftLabels(
+        torch.tensor([[[0.75, 0.25, 0.0]]], dtype=torch.float64), torch.tensor([[True, True, False]]),
+        torch.ones(1, 1, dtype=torch.float64),
+    )  # fmt: skip
+    # the student's softmax over classes 0 and 1 renormalised: (0.5, 0.5) whatever class 2's logit is
+    for third in (0.0, 5.0, -3.0):
+        assert float(distillation_loss(torch.tensor([[1.0, 1.0, third]]), one, 1.0)) == pytest.approx(kl)
+    assert float(distillation_loss(torch.tensor([[1.0, 1.0, 0.0]]), one, 2.0)) == pytest.approx(4 * kl)
+    # two clients over {0, 1} and {1, 2}, both matched exactly by a student at (0.6, 0.2, 0.2)
+    both = MaskedSoftLabels(
+        torch.tensor([[[0.75, 0.25, 0.0]], [[0.0, 0.5, 0.5]]], dtype=torch.float64),
+        torch.tensor([[True, True, False], [False, True, True]]),
+        torch.tensor([[0.8], [0.2]], dtype=torch.float64),
+    )
+    assert float(distillation_loss(torch.tensor([[0.6, 0.2, 0.2]]).log(), both, 1.0)) == pytest.approx(0, abs=1e-7)
+    # a uniform student: KL_A is the two-class KL, KL_B is 0; weighted 0.8 and 0.2
+    assert float(distillation_loss(torch.zeros(1, 3), both, 1.0)) == pytest.approx(0.8 * kl)
+    # with hard labels: (1 - h) masked KD + h cross-entropy over all classes
+    mixed = distillation_loss(torch.zeros(1, 3), both, 1.0, labels=torch.tensor([2]), hard_label_weight=0.5)
+    assert float(mixed) == pytest.approx(0.5 * 0.8 * kl + 0.5 * math.log(3))
+    # rows are taken together: a batch is a slice of examples
+    assert len(both) == 1 and both[[0, 0]].probabilities.shape == (2, 2, 3)
+
+
+def test_masked_soft_labels_weigh_certainty_over_each_clients_own_labels():
+    masks = torch.tensor([[True, True, False], [False, True, True]])
+    probabilities = [torch.tensor([[0.5, 0.4, 0.1]]), torch.tensor([[0.0, 0.5, 0.5]])]
+    experts = MaskedSoftLabels.of(probabilities, masks, [3, 1], "examples")
+    assert experts.probabilities[0, 0].tolist() == pytest.approx([5 / 9, 4 / 9, 0.0])
+    assert experts.weights[:, 0].tolist() == pytest.approx([0.75, 0.25])
+    assert experts.confidence() == pytest.approx(0.75 * 5 / 9 + 0.25 * 0.5)
+    # certainty 1 - H / log 2 over each client's two labels: client 2, uniform over them, has none
+    # (the floor of 1e-6), though over all three classes its entropy would be below log 3
+    first = 1 - (-(5 / 9) * math.log(5 / 9) - (4 / 9) * math.log(4 / 9)) / math.log(2)
+    certainty = MaskedSoftLabels.of(probabilities, masks, [3, 1], "entropy").weights[:, 0]
+    assert certainty.tolist() == pytest.approx([first / (first + 1e-6), 1e-6 / (first + 1e-6)])
 
 
 def test_top_k_distributions_merge_by_weight_over_the_union_of_their_tokens():
