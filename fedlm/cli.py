@@ -294,9 +294,7 @@ def partition(
         folder = output_dir or config.output_dir
         check_output_dir(folder)
         task = build_task(config)
-        summary = partition_summary(
-            prepare_federated_data(config, task), task.class_labels, getattr(config.data.partition, "column", None)
-        )
+        summary = partition_summary(prepare_federated_data(config, task), task.class_labels, config.data.group_column)
     except FedlmError as error:
         _fail(error)
     write_partition_report(summary, folder)

@@ -136,11 +136,21 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="share of each client's data kept as its test split"
     )
     partition: PartitionConfig = Field(IidPartitionConfig(), description="how the data is split into clients")
+    group_by: str | None = Field(
+        None,
+        description="a column the clients' test results are grouped by each round (client_test_by_<column>; each "
+        "client counts for its most common value); default: the column the partition splits on",
+    )
     # the bounds of fedlm.tasks.classification.MAX_LABELS and fedlm.protocol.MAX_WIRE_LABELS, written out:
     # configs load without torch
     max_labels: int = Field(
         10_000, ge=2, le=100_000, description="most classes a run accepts (integer labels: ids below it)"
     )
+
+    @property
+    def group_column(self) -> str | None:
+        """The column the clients' test results are grouped by: `group_by`, else the partition's."""
+        return self.group_by or getattr(self.partition, "column", None)
 
     @model_validator(mode="before")
     @classmethod

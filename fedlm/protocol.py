@@ -174,6 +174,7 @@ class ClientInfo(WireMessage):
     target_keys: list[str]  # what its task reports about its training targets (classification: label keys)
     lora_rank: int | None = None  # its LoRA rank, when it may differ from the global one
     data_fingerprint: dict[str, Any] | None = None  # FedClient.fingerprint_rows of its data, checked on resume
+    group: str | None = None  # its main value of the run's data.group_column, for grouped test results
 
     KIND: ClassVar[str] = "client_info"
 
@@ -189,6 +190,7 @@ class ClientInfo(WireMessage):
             "labels": self.target_keys,  # the key classification clients have always sent
             "lora_rank": self.lora_rank,
             "data_fingerprint": self.data_fingerprint,
+            "group": self.group,
         }
 
     @classmethod
@@ -200,6 +202,7 @@ class ClientInfo(WireMessage):
             gate.text_list(meta.get("labels"), "labels", MAX_WIRE_LABELS),
             gate.optional_integer(meta.get("lora_rank"), "lora_rank", minimum=1, maximum=1 << 16),
             _fingerprint(meta.get("data_fingerprint")),
+            None if meta.get("group") is None else gate.text(meta["group"], "group"),
         )
 
 

@@ -13,6 +13,21 @@ from fedlm.data.dataset import value_key
 from fedlm.data.federated import FederatedData
 
 
+def main_value(counts: dict[str, int]) -> str:
+    """The most common value of a client's column (`Counter` or `column_counts`; the first by
+    name on a tie)."""
+    return min(counts.items(), key=lambda item: (-item[1], item[0]))[0]
+
+
+def client_groups(summary: dict[str, Any] | None) -> dict[str, str]:
+    """Each client's main value of the summary's column (`main_value`); none without a column."""
+    if not summary or not summary.get("column"):
+        return {}
+    return {
+        client["client"]: main_value(client["column_counts"]) for client in summary["clients"] if client["examples"]
+    }
+
+
 def partition_summary(federated: FederatedData, class_labels: bool = True, column: str | None = None) -> dict[str, Any]:
     """Per client: examples, test examples, and when the targets are `class_labels` the label
     histogram, top label and its share; with the `column` a partition splits on (a source, a

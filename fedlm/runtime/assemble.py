@@ -31,6 +31,7 @@ from fedlm.core.schedule import LearningRateSchedule
 from fedlm.core.seeding import derive_seed
 from fedlm.core.strategies import STRATEGIES, Strategy
 from fedlm.data.dataset import TextDataset
+from fedlm.data.report import client_groups as groups_of_partition
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.models.adapters import add_adapter, freeze_lora_a, prepare_quantized
@@ -55,11 +56,14 @@ def build_federation(
     global_model: GlobalModel | None = None,
     validation: Any = None,
     partition: dict[str, Any] | None = None,
+    client_groups: dict[str, str] | None = None,
 ) -> Federation:
     """The config's server over `clients`: in-process `FedClient`s, or remote clients' `ClientInfo`s
     with the `transport` that reaches them and the `global_model` (the initial global parameters).
     `public_context`: homomorphic aggregation's public CKKS context; `validation`: the federated
-    validation set (encoded here; the task's sample prompts come from it); `partition`: the partition summary for the run folder."""
+    validation set (encoded here; the task's sample prompts come from it); `partition`: the
+    partition summary for the run folder; `client_groups`: each client's group for the grouped
+    test results (default: from the partition summary's column)."""
     clients_per_round = resolve_clients_per_round(config, len(clients))
     strategy, accounting = add_privacy(
         config, build_strategy(config.strategy, len(clients)), len(clients), clients_per_round
@@ -88,7 +92,8 @@ def build_federation(
         validation = task.read(validation, config.data.text_column, config.data.label_column, owner="validation set")
         prompts = task.sample_prompts(validation, derive_seed(config.seed, "samples"))
         encoded = server.encode_dataset(validation)
-    return Federation(config, server, encoded, clients_per_round, partition, prompts)
+    groups = groups_of_partition(partition) if client_groups is None else client_groups
+    return Federation(config, server, encoded, clients_per_round, partition, prompts, groups)
 
 
 def learning_rate_schedule(config: RunConfig) -> LearningRateSchedule | None:

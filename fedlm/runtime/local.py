@@ -90,5 +90,5 @@ def build_simulation(config: RunConfig) -> Federation:
     algorithm = build_algorithm(config, task, metadata, federated.public)
     return build_federation(
         config, clients, algorithm, public_context=public_context, validation=federated.validation,
-        partition=partition_summary(federated, task.class_labels, getattr(config.data.partition, "column", None)),
+        partition=partition_summary(federated, task.class_labels, config.data.group_column),
     )  # fmt: skip

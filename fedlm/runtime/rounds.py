@@ -49,8 +49,9 @@ SAMPLE_CHARACTERS = 100  # how much of the first sample a round record and its l
 @dataclass
 class Federation:
     """A server ready to run a config's rounds, with its federated validation set, the number of
-    clients sampled per round (None: all), the partition summary (None when unknown) and the
-    validation prompts the global model answers after every round (`Task.sample_prompts`)."""
+    clients sampled per round (None: all), the partition summary (None when unknown), the
+    validation prompts the global model answers after every round (`Task.sample_prompts`), and
+    each client's group (its main value of `data.group_column`) that its test results count for."""
 
     config: RunConfig
     server: FedServer
@@ -58,6 +59,7 @@ class Federation:
     clients_per_round: int | None
     partition: dict[str, Any] | None = None
     sample_prompts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    client_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_run_folder(
@@ -177,12 +179,10 @@ def run_federation(
     settings = config.federation
     write_metrics(output, records)
 
-    groups = client_groups(federation.partition)
-
     def record_round(record: dict[str, Any]) -> None:
-        if groups and record.get("client_test"):
-            column = federation.partition["column"]["name"]
-            record[f"client_test_by_{column}"] = grouped_client_test(record["client_test"], groups)
+        if federation.client_groups and record.get("client_test"):
+            column = config.data.group_column
+            record[f"client_test_by_{column}"] = grouped_client_test(record["client_test"], federation.client_groups)
         if federation.sample_prompts:
             record.update(write_samples(server, federation.sample_prompts, output, record["round"]))
         record = finite_json(record)  # as written: NaN and infinity as None, listed under "non_finite"
@@ -230,20 +230,8 @@ def run_federation(
     return [record for record in records if record["round"] > 0]
 
 
-def client_groups(partition: dict[str, Any] | None) -> dict[str, str]:
-    """Each client's value of the column the partition split on (with several, the most common),
-    from the partition summary; none without such a column."""
-    if not partition or not partition.get("column"):
-        return {}
-    return {
-        client["client"]: min(client["column_counts"].items(), key=lambda item: (-item[1], item[0]))[0]
-        for client in partition["clients"]
-        if client["examples"]
-    }
-
-
 def grouped_client_test(client_test: list[dict[str, Any]], groups: dict[str, str]) -> dict[str, dict[str, float]]:
-    """The clients' test results by group (a language, a source: `client_groups`): per group its
+    """The clients' test results by group (a language, a source: `Federation.client_groups`): per group its
     clients, their test examples, and each metric's mean over the clients that report it, weighted
     by test examples."""
     grouped: dict[str, list[dict[str, Any]]] = {}

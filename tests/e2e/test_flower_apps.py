@@ -216,20 +216,28 @@ def test_a_decoder_with_lora_over_flower_matches_simulation_bit_for_bit(tiny_lla
 
 
 def test_tagging_over_flower_matches_simulation_bit_for_bit(tiny_model_dir, tmp_path):
-    """The nodes report their tags; the ServerApp joins them into the tag map it sends back."""
+    """The nodes report their tags; the ServerApp joins them into the tag map it sends back. Each
+    node also reports its main value of data.group_by (a desk: alpha holds a third of sports
+    sentences, but mostly news), and rounds group the nodes' test results by it."""
     sentences = make_tagged_sentences(90, seed=2)
     files = {}
     for index, name in enumerate(NAMES):
+        rows = [{**row, "desk": "sports" if index == 2 or row_number % 3 == 0 else "news"}
+                for row_number, row in enumerate(sentences[index::3])]  # fmt: skip
         files[name] = tmp_path / f"{name}.jsonl"
-        files[name].write_text("\n".join(json.dumps(row) for row in sentences[index::3]))
+        files[name].write_text("\n".join(json.dumps(row) for row in rows))
     config = config_writer(tmp_path, tiny_model_dir, files)(
-        task={"kind": "token_classification"}, training={"learning_rate": 1e-2, "max_length": 32}
-    )
+        task={"kind": "token_classification"}, data={"group_by": "desk"},
+        training={"learning_rate": 1e-2, "max_length": 32},
+    )  # fmt: skip
     deployed, simulated = deployed_and_simulated(config, nodes(files), tmp_path)
     assert {item["client"] for item in deployed[-1]["client_test"]} == set(NAMES)
     assert all("f1" in item and "f1_PER" in item for item in deployed[-1]["client_test"])
+    by_desk = deployed[-1]["client_test_by_desk"]
+    assert {desk: group["clients"] for desk, group in by_desk.items()} == {"news": 2, "sports": 1}
     for ours, theirs in zip(deployed, simulated):
         assert ours["client_test"] == theirs["client_test"]  # each node's entity F1 on its test split
+        assert ours["client_test_by_desk"] == theirs["client_test_by_desk"]
 
 
 def test_distillation_of_decoders_over_flower_matches_simulation_bit_for_bit(tiny_llama_dir, tmp_path):

@@ -1,5 +1,6 @@
 def test_client_results_by_group_are_example_weighted_over_the_clients_that_report_a_metric():
-    from fedlm.runtime.rounds import client_groups, grouped_client_test
+    from fedlm.data.report import client_groups
+    from fedlm.runtime.rounds import grouped_client_test
 
     partition = {
         "column": {"name": "language", "values": ["en", "zh"]},

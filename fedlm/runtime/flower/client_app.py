@@ -25,6 +25,7 @@ replies with an error record that names it and its file, and the server leaves i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ from fedlm.channels import SecureAggregation, channel_for_stage
 from fedlm.channels.homomorphic import HomomorphicAggregation
 from fedlm.client import FedClient, TrainingOptions
 from fedlm.config import DistillationConfig, LoraConfig, RunConfig
+from fedlm.data.dataset import value_key
 from fedlm.data.federated import ClientData
+from fedlm.data.report import main_value
 from fedlm.errors import ConfigError
 from fedlm.models import load_tokenizer
 from fedlm.privacy.homomorphic import HomomorphicKeys
@@ -194,8 +197,11 @@ class Node:
     def info(self) -> ClientInfo:
         target_keys = self.task.target_keys(self.data.train.labels)
         fingerprint = FedClient.fingerprint_rows(self.data.train, self.data.test)
+        column, group = self.config.data.group_column, None
+        if column is not None:  # its main value of the column, as a simulation's partition summary counts it
+            group = main_value(Counter(value_key(value) for value in self.data.train.column(column, self.data.name)))
         return ClientInfo(
-            self.data.name, len(self.data.train), len(self.data.test), target_keys, self.lora_rank, fingerprint
+            self.data.name, len(self.data.train), len(self.data.test), target_keys, self.lora_rank, fingerprint, group
         )
 
     def client(self, task_metadata: Any) -> FedClient:

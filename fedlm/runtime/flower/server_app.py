@@ -191,4 +191,5 @@ def build_deployment(grid: Grid, config: RunConfig) -> Federation:
     return build_federation(
         config, clients, algorithm, public_context=public_context, transport=transport, global_model=global_model,
         validation=config.data.validation_file,
+        client_groups={info.name: info.group for info in clients if info.group is not None},
     )  # fmt: skip
