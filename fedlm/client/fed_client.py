@@ -31,7 +31,7 @@ from fedlm.privacy.homomorphic import HomomorphicKeys
 from fedlm.protocol import EvaluateIns, EvaluateRes, FitIns, FitRes, StageIns, StageRes
 from fedlm.tasks import Task, task_for, task_of_model
 from fedlm.tasks.distillation import TOP_K_TOKENS, distil, predict_logits, predict_top_k, vocabulary_fingerprint
-from fedlm.tasks.text import EncodedDataset, encode, report_skipped
+from fedlm.tasks.text import EncodedDataset, encode, report_encoding
 
 logger = logging.getLogger("fedlm")
 
@@ -158,9 +158,9 @@ class FedClient:
         owner = f"client {self.name}" + ("" if split == "train" else " test set")
         targets = self.task.encode_targets(self.metadata, data.labels, owner=owner)
         encoded = self.task.encode(self.tokenizer, data.texts, targets, self.options.max_length, owner)
-        if encoded.skipped and split not in self._reported_skips:
+        if split not in self._reported_skips:  # said once per split, not every round
             self._reported_skips.add(split)
-            report_skipped(encoded, len(data), owner, self.options.max_length)
+            report_encoding(encoded, len(data), owner, self.options.max_length)
         return encoded
 
     @property
@@ -313,13 +313,14 @@ class FedClient:
                 f"client {self.name}: its tokenizer's vocabulary (fingerprint {vocabulary}) is not the student's "
                 f"({settings['vocabulary']}); distillation of decoders needs every decoder to share the student's"
             )
-        return self.task.encode(
-            self.tokenizer,
-            self.public_texts,
-            self.public_targets,
-            self.options.max_length,
-            f"client {self.name} public set",
+        owner = f"client {self.name} public set"
+        encoded = self.task.encode(
+            self.tokenizer, self.public_texts, self.public_targets, self.options.max_length, owner
         )
+        if "public" not in self._reported_skips:
+            self._reported_skips.add("public")
+            report_encoding(encoded, len(self.public_texts), owner, self.options.max_length)
+        return encoded
 
     def evaluate(self, ins: EvaluateIns) -> EvaluateRes:
         """Metrics of the given parameters on this client's test split (none: zero examples)."""

@@ -11,10 +11,13 @@ from fedlm.models.loading import load_pretrained, load_tokenizer
 @torch.no_grad()
 def embed_texts(name_or_path: str, texts: list[str], max_length: int = 128, batch_size: int = 64) -> torch.Tensor:
     """One unit-length row per text (len(texts) x hidden size), from the encoder `name_or_path`
-    (a bundled name or a folder), each text cut at `max_length` tokens."""
+    (a bundled name or a folder: an encoder, a decoder, or an encoder-decoder's encoder), each
+    text cut at `max_length` tokens."""
     from transformers import AutoModel
 
     model = load_pretrained(AutoModel, name_or_path, seed=0).eval()
+    if model.config.is_encoder_decoder:  # T5, BART: the encoder's states (the decoder needs targets)
+        model = model.get_encoder()
     tokenizer = load_tokenizer(name_or_path)
     rows = []
     for start in range(0, len(texts), batch_size):

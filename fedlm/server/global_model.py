@@ -28,7 +28,7 @@ from fedlm.models.adapters import check_foldable, is_adapted, lora_scalings, mer
 from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
 from fedlm.models.loading import is_quantized, load_tokenizer, quiet_transformers
 from fedlm.tasks import Task
-from fedlm.tasks.text import EncodedDataset, report_skipped
+from fedlm.tasks.text import EncodedDataset, report_encoding
 
 # how LoRA factors are aggregated (fedlm.core.lora): fedit averages A and B (inexact); ffa needs no
 # step (A is frozen, not federated); stack folds the exact average of the products into the base
@@ -85,10 +85,9 @@ class GlobalModel:
 
     def encode(self, texts: list[str], targets: list[Any], owner: str = "dataset") -> EncodedDataset:
         """`texts` tokenized with the global model's tokenizer and maximum length, with their
-        encoded `targets` (`encode_targets`); rows the task skips are logged, naming `owner`."""
+        encoded `targets` (`encode_targets`); rows the task skips or cuts are logged, naming `owner`."""
         encoded = self.task.encode(self.tokenizer, texts, targets, self.options.max_length, owner)
-        if encoded.skipped:
-            report_skipped(encoded, len(texts), owner, self.options.max_length)
+        report_encoding(encoded, len(texts), owner, self.options.max_length)
         return encoded
 
     def encode_targets(self, targets: list[Any], owner: str) -> list[Any]:

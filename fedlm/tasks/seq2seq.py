@@ -96,12 +96,9 @@ class Seq2SeqTask(Task):
         for ids in written:
             cut += len(ids) + 1 > max_length
             labels.append([*ids[: max_length - 1], tokenizer.eos_token_id])
-        if cut:
-            logger.warning(
-                "%s: %d of %d targets are longer than training.max_length=%d tokens and were cut",
-                owner, cut, len(targets), max_length,
-            )  # fmt: skip
-        return EncodedDataset([list(ids) for ids in sources], labels)
+        notes = [f"{owner}: {cut} of {len(targets)} targets are longer than training.max_length={max_length} "
+                 "tokens and were cut"] if cut else []  # fmt: skip
+        return EncodedDataset([list(ids) for ids in sources], labels, notes=notes)
 
     def sample_prompts(self, data: TextDataset, seed: int) -> list[dict[str, Any]]:
         """`samples` rows of `data` drawn with `seed`, in their order: {"source", "reference"}."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,13 +20,15 @@ class EncodedDataset:
     as a tensor of `label_dtype` under the key "labels" (what transformers' heads take).
     `skipped`: how many rows were left out because no target fits in the maximum length.
     `segments`: for packed rows (several examples in one sequence, `pack`), each row's example
-    lengths; None when every row is one example."""
+    lengths; None when every row is one example. `notes`: what the task had to cut at the maximum
+    length, for whoever encoded it to log once (a client once per split, not every round)."""
 
     input_ids: list[list[int]]
     labels: list
     label_dtype: torch.dtype = torch.long
     skipped: int = 0
     segments: list[list[int]] | None = None
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,12 +76,16 @@ def length_grouped(order: list[int], lengths: list[int], batch_size: int, genera
     return [index for position in shuffled for index in grouped[position]]
 
 
-def report_skipped(data: EncodedDataset, rows: int, owner: str, max_length: int) -> None:
-    """Log, naming `owner`, how many of its `rows` encoding skipped (`EncodedDataset.skipped`)."""
-    logger.warning(
-        "%s: %d of %d examples skipped: none of their target tokens fits in training.max_length=%d tokens "
-        "(raise it to keep them)", owner, data.skipped, rows, max_length,
-    )  # fmt: skip
+def report_encoding(data: EncodedDataset, rows: int, owner: str, max_length: int) -> None:
+    """Log, naming `owner`, how many of its `rows` encoding skipped (`EncodedDataset.skipped`),
+    and what it cut (`EncodedDataset.notes`)."""
+    if data.skipped:
+        logger.warning(
+            "%s: %d of %d examples skipped: none of their target tokens fits in training.max_length=%d tokens "
+            "(raise it to keep them)", owner, data.skipped, rows, max_length,
+        )  # fmt: skip
+    for note in data.notes:
+        logger.warning("%s", note)
 
 
 CHARS_PER_TOKEN = 64

@@ -233,13 +233,12 @@ class TokenClassificationTask(LabelMapMetadata, Task):
             labels.append(row_labels)
             cut.append(tag_ids[kept:])
             truncated += kept < len(tag_ids)
-        if truncated:
-            logger.warning(
-                "%s: %d of %d sentences are longer than training.max_length=%d tokens: their last words are not "
-                "trained on and count as predicted O in evaluation (raise max_length to keep them)",
-                owner, truncated, len(targets), max_length,
-            )  # fmt: skip
-        return TaggedDataset(input_ids, labels, torch.long, cut_tags=cut)
+        notes = [
+            f"{owner}: {truncated} of {len(targets)} sentences are longer than training.max_length={max_length} "
+            "tokens: their last words are not trained on and count as predicted O in evaluation (raise max_length "
+            "to keep them)"
+        ] if truncated else []  # fmt: skip
+        return TaggedDataset(input_ids, labels, torch.long, notes=notes, cut_tags=cut)
 
     def load_model(self, name_or_path: str, metadata: LabelMap, seed: int) -> torch.nn.Module:
         from transformers import AutoModelForTokenClassification

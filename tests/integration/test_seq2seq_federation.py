@@ -3,7 +3,6 @@ loss against a hand computation, and federated runs (all weights and LoRA) whose
 and whose samples' ROUGE-L rises."""
 
 import json
-import logging
 import math
 
 import pytest
@@ -36,7 +35,7 @@ def pairs(tmp_path_factory):
     return path
 
 
-def test_rows_are_read_checked_and_targets_end_with_end_of_sequence(tiny_t5_dir, caplog):
+def test_rows_are_read_checked_and_targets_end_with_end_of_sequence(tiny_t5_dir):
     task, tokenizer = Seq2SeqTask(), AutoTokenizer.from_pretrained(tiny_t5_dir)
     data = task.read([{"input": "tell me about the game", "output": "sport team win"}])
     assert data.texts == ["tell me about the game"] and data.labels == ["sport team win"]
@@ -45,10 +44,9 @@ def test_rows_are_read_checked_and_targets_end_with_end_of_sequence(tiny_t5_dir,
         *tokenizer("sport team win", add_special_tokens=False)["input_ids"],
         tokenizer.eos_token_id,
     ]
-    with caplog.at_level(logging.WARNING, logger="fedlm"):
-        cut = task.encode(tokenizer, data.texts, data.labels, max_length=3, owner="client a")
+    cut = task.encode(tokenizer, data.texts, data.labels, max_length=3, owner="client a")
     assert len(cut.labels[0]) == 3 and cut.labels[0][-1] == tokenizer.eos_token_id
-    assert "client a: 1 of 1 targets are longer than training.max_length=3" in caplog.text
+    assert cut.notes == ["client a: 1 of 1 targets are longer than training.max_length=3 tokens and were cut"]
     with pytest.raises(DatasetError, match=r"row 1: target must be non-empty text"):
         task.read([{"source": "a", "target": "b"}, {"source": "a", "target": " "}])
     with pytest.raises(DatasetError, match="needs `source` and `target` columns"):
@@ -104,14 +102,23 @@ def test_federated_seq2seq_lowers_perplexity_and_its_samples_come_closer(tiny_t5
     assert history[-1]["sample_rouge_l"] > sum(line["rouge_l"] for line in first) / 8
 
 
-def test_lora_trains_the_encoder_decoder(tiny_t5_dir, pairs, tmp_path):
+def test_lora_trains_the_encoder_decoder_and_cut_targets_are_said_once(tiny_t5_dir, tmp_path, caplog):
+    # whole answers as targets: the topic's name, spelled letter by letter, makes them longer than 8 tokens
+    rows = [{"source": row["messages"][0]["content"], "target": row["messages"][1]["content"]}
+            for row in make_conversations(240, seed=0)]  # fmt: skip
+    long_pairs = tmp_path / "pairs.jsonl"
+    long_pairs.write_text("\n".join(json.dumps(row) for row in rows))
     history = simulate(
-        tiny_t5_dir, pairs, tmp_path / "run", rounds=2, task={"kind": "seq2seq", "samples": 0},
+        tiny_t5_dir, long_pairs, tmp_path / "run", rounds=2, task={"kind": "seq2seq", "samples": 0},
         peft={"method": "lora", "r": 4, "target_modules": ["q", "v"]}, training={"learning_rate": 3e-2,
-        "max_length": 16, "batch_size": 8},
+        "max_length": 8, "batch_size": 8},
     )  # fmt: skip
     perplexity = [record["val_perplexity"] for record in history]
     assert perplexity[1] < perplexity[0], perplexity
+    # each client encodes its data every round; what the maximum length cut is logged once per split
+    cut = [record.getMessage() for record in caplog.records if "targets are longer than" in record.getMessage()]
+    assert any(message.startswith("client client-0: ") for message in cut)
+    assert len(cut) == len(set(cut)), cut
 
 
 def test_a_model_that_is_not_an_encoder_decoder_is_refused(tiny_model_dir):
