@@ -53,7 +53,7 @@ def distillation(folders, **options) -> FederatedDistillation:
 def test_the_student_beats_every_local_only_client_on_label_skewed_data(folders):
     clients = dirichlet_clients(folders)
     assert [len(client.model.bert.encoder.layer) for client in clients] == [2, 4, 2]
-    server = FedServer(clients, algorithm=distillation(folders), seed=0)
+    server = FedServer(clients, algorithm=distillation(folders, learning_rate=3e-3), seed=0)
     history = server.fit(rounds=2, local_epochs=3, validation=VALIDATION)
     validation = server.encode_dataset(VALIDATION)
     # without a digest step the clients' models only ever saw their own data: local-only models
