@@ -220,6 +220,10 @@ def test_dp_sgd_trains_lora_over_a_4_bit_base(llama_64_dir, chats, tmp_path):
         peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
         training={"learning_rate": 3e-2, "dp_sgd": {"noise_multiplier": 0.5, "clip_norm": 1.0}},
     )  # fmt: skip
+    # the noise is drawn from the OS's randomness, unseeded: the adapters learn fast in round 1 (the
+    # initial 183 -> about 157) and then slowly, with round 2 sometimes a little above round 1
+    initial = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert initial["round"] == 0
     perplexity = [record["val_perplexity"] for record in history]
-    assert perplexity[1] < perplexity[0], perplexity
+    assert max(perplexity) < 0.95 * initial["val_perplexity"], (initial["val_perplexity"], perplexity)
     assert 0 < history[0]["dp_sgd_epsilon_max"] < history[1]["dp_sgd_epsilon_max"]
