@@ -6,7 +6,15 @@ Names are imported on first use, so `import fedlm.core` stays free of transforme
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
+
+if "torch" not in sys.modules:  # read by PyTorch at its first allocation
+    # large CPU tensors on transparent huge pages: a fresh 91 MB vector (a delta, a message, an
+    # optimizer's state) then faults in 2 MB pages instead of 4 KB ones, 3-4x faster to fill;
+    # set THP_MEM_ALLOC_ENABLE=0 to opt out
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
 

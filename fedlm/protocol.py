@@ -65,11 +65,11 @@ class WireMessage:
     def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Self:
         raise NotImplementedError
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> memoryview:
         return wire.encode(self.KIND, *self.to_parts())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Self:
+    def from_bytes(cls, data: bytes | memoryview) -> Self:
         return cls.from_parts(*wire.decode(data, cls.KIND))
 
 
@@ -85,7 +85,7 @@ class _Instructions(WireMessage):
     parameters: torch.Tensor | Compressed  # Compressed only on the sending side
     config: dict[str, Any]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. SCAFFOLD's server control
-    _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    _payload: memoryview | None = field(default=None, init=False, repr=False, compare=False)
 
     def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, meta = dict(self.tensors), dict(self.config)
@@ -100,7 +100,7 @@ class _Instructions(WireMessage):
             parameters = parameters.decode()
         return cls(parameters=parameters, config=meta, tensors=tensors)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> memoryview:
         if self._payload is None:
             self._payload = wire.encode(self.KIND, *self.to_parts())
         return self._payload
@@ -386,7 +386,7 @@ class LoopbackTransport:
         return replies
 
 
-def decode_reply(reply_type: type[WireMessage], data: bytes) -> WireMessage | str:
+def decode_reply(reply_type: type[WireMessage], data: bytes | memoryview) -> WireMessage | str:
     """The decoded reply, or why it cannot be decoded (the validation gate's reason)."""
     try:
         return reply_type.from_bytes(data)

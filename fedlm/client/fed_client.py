@@ -23,7 +23,7 @@ from fedlm.core.seeding import derive_seed
 from fedlm.data.dataset import value_key
 from fedlm.errors import ConfigError, NothingLeftError
 from fedlm.models.adapters import add_adapter, is_adapted
-from fedlm.models.federated import federated_spec, get_federated_vector, set_federated_vector
+from fedlm.models.federated import federated_spec, federated_view, get_federated_vector, set_federated_vector
 from fedlm.models.loading import load_tokenizer
 from fedlm.privacy.accounting import PrivacyAccountant
 from fedlm.privacy.dp_sgd import accountant_from, steps_tensor
@@ -211,7 +211,10 @@ class FedClient:
         """Load the message's parameters into the model (in distillation: this client's own
         parameters, kept between rounds); returns the trainable ones."""
         if "distillation" not in ins.config:
-            set_federated_vector(self.model, ins.parameters, lora_base=bool(ins.config.get("lora_base")))
+            lora_base = bool(ins.config.get("lora_base"))
+            set_federated_vector(self.model, ins.parameters, lora_base=lora_base)
+            if not lora_base and ins.parameters.dtype == torch.float32:
+                return ins.parameters  # what the model now holds, without another copy (read-only)
         elif self.local_parameters is not None:
             set_federated_vector(self.model, self.local_parameters)
         return self.get_parameters()
@@ -364,7 +367,7 @@ class FedClient:
             metrics["skipped_examples"] = data.skipped
         if trained.sampling_rate is not None:
             metrics.update(self._spend_privacy(trained.sampling_rate, trained.steps))
-        delta = self.get_parameters() - received
+        delta = federated_view(self.model) - received
         extras = {}
         for hook in hooks:
             extras.update(hook.finish(delta, trained.steps, options.learning_rate))

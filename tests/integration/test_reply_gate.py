@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from safetensors.torch import save as save_safetensors
 
 from conftest import make_records
-from fedlm import FedClient, FedServer
+from fedlm import FedClient, FedServer, wire
 from fedlm.client import TrainingOptions
 from fedlm.models import load_tokenizer
 from fedlm.protocol import ClientInfo, EvaluateIns, FitIns
 from fedlm.runtime.flower.records import ARRAYS, HEADER, from_record, to_record
+from fedlm.runtime.flower.records import FORMAT_VERSION as RECORD_FORMAT_VERSION
 from fedlm.runtime.flower.transport import FlowerTransport
 from fedlm.server import GlobalModel
 from fedlm.tasks.classification import ClassificationTask, LabelMap, load_classifier
@@ -33,9 +33,9 @@ OPTIONS = {"learning_rate": 3e-3, "max_length": 32, "batch_size": 8}
 DECLARED = 24  # training examples every client holds (and declares)
 
 
-def header(meta: str, kind: str = "fit_res") -> str:
+def header(meta: str, kind: str = "fit_res", version: int = wire.FORMAT_VERSION) -> str:
     """A fedlm header around raw JSON text for `meta` (so that it can hold what json.dumps never writes)."""
-    return f'{{"version": 1, "kind": "{kind}", "meta": {meta}}}'
+    return f'{{"version": {version}, "kind": "{kind}", "meta": {meta}}}'
 
 
 def good_meta(num_examples: str = "10", metrics: str = '{"loss": 0.5}', extra: str = "") -> str:
@@ -43,11 +43,11 @@ def good_meta(num_examples: str = "10", metrics: str = '{"loss": 0.5}', extra: s
 
 
 def wire_bytes(text: str, tensors: dict[str, torch.Tensor]) -> bytes:
-    return save_safetensors(tensors, metadata={"fedlm": text})
+    return bytes(wire.frame(text, tensors))
 
 
 def crafted_replies(numel: int) -> dict[str, bytes]:
-    """Each case as the bytes a client sends in process (safetensors + a JSON header)."""
+    """Each case as the bytes a client sends in process (a JSON header, a tensor table, raw buffers)."""
     delta = {"delta": torch.zeros(numel)}
     topk = {"delta.indices": torch.zeros(3, dtype=torch.int32), "delta.values": torch.zeros(3)}
     codec = ', "delta_codec": {{"kind": "topk", "fraction": 0.01, "numel": {}}}'
@@ -84,7 +84,7 @@ def crafted_replies(numel: int) -> dict[str, bytes]:
         "delta-nan": wire_bytes(header(good_meta()), {"delta": torch.full((numel,), float("nan"))}),
         "delta-missing": wire_bytes(header(good_meta()), {}),
         "extra-wrong-size": wire_bytes(header(good_meta()), {**delta, "control_delta": torch.zeros(7)}),
-        "not-safetensors": b"\x80\x04K\x01." * 10,
+        "not-a-message": b"\x80\x04K\x01." * 10,
         "header-length-lies": struct.pack("<Q", 10**15) + b"{}",
         "wrong-kind": wire_bytes(header(good_meta(), kind="fit_ins"), delta),
     }
@@ -207,6 +207,10 @@ def npy(header_text: str, payload: bytes) -> bytes:
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(padded)) + padded.encode("latin1") + payload
 
 
+def record_header(meta: str, kind: str = "fit_res") -> str:
+    return header(meta, kind, version=RECORD_FORMAT_VERSION)
+
+
 def record(text, arrays: dict[str, Array] | None = None) -> RecordDict:
     return RecordDict({ARRAYS: ArrayRecord(arrays or {}), HEADER: ConfigRecord({"json": text})})
 
@@ -220,9 +224,9 @@ def crafted_records(numel: int) -> dict[str, RecordDict]:
 
     huge = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000,), }"
     return {
-        "npy-shape-1e12": record(header(meta), {"delta": raw_array(huge, b"\x00" * 16)}),
+        "npy-shape-1e12": record(record_header(meta), {"delta": raw_array(huge, b"\x00" * 16)}),
         "npy-big-endian": record(
-            header(meta),
+            record_header(meta),
             {
                 "delta": raw_array(
                     f"{{'descr': '>f4', 'fortran_order': False, 'shape': ({numel},), }}", b"\0" * 4 * numel
@@ -230,7 +234,7 @@ def crafted_records(numel: int) -> dict[str, RecordDict]:
             },
         ),
         "npy-complex": record(
-            header(meta),
+            record_header(meta),
             {
                 "delta": raw_array(
                     f"{{'descr': '<c8', 'fortran_order': False, 'shape': ({numel},), }}", b"\0" * 8 * numel
@@ -238,22 +242,25 @@ def crafted_records(numel: int) -> dict[str, RecordDict]:
             },
         ),
         "npy-object-pickle": record(
-            header(meta), {"delta": raw_array("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", b"\x80")}
+            record_header(meta),
+            {"delta": raw_array("{'descr': '|O', 'fortran_order': False, 'shape': (1,), }", b"\x80")},
         ),
-        "npy-not-a-header": record(header(meta), {"delta": raw_array("__import__('os')", b"")}),
+        "npy-not-a-header": record(record_header(meta), {"delta": raw_array("__import__('os')", b"")}),
         "npy-short-data": record(
-            header(meta),
+            record_header(meta),
             {"delta": raw_array(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({numel},), }}", b"\0" * 8)},
         ),
-        "stype-pickle": record(header(meta), {"delta": Array(dtype="float32", shape=(3,), stype="pickle", data=b"x")}),
+        "stype-pickle": record(
+            record_header(meta), {"delta": Array(dtype="float32", shape=(3,), stype="pickle", data=b"x")}
+        ),
         "header-a-list": record("[1, 2]", {"delta": delta}),
         "header-not-a-string": RecordDict({ARRAYS: ArrayRecord({"delta": delta}), HEADER: ConfigRecord({"json": 7})}),
-        "header-deeply-nested": record(header("[" * 100_000 + "]" * 100_000), {"delta": delta}),
-        "examples-infinity": record(header(good_meta("Infinity")), {"delta": delta}),
-        "metrics-text-value": record(header(good_meta(metrics='{"loss": "abc"}')), {"delta": delta}),
-        "examples-huge": record(header(good_meta(str(10**12))), {"delta": delta}),
+        "header-deeply-nested": record(record_header("[" * 100_000 + "]" * 100_000), {"delta": delta}),
+        "examples-infinity": record(record_header(good_meta("Infinity")), {"delta": delta}),
+        "metrics-text-value": record(record_header(good_meta(metrics='{"loss": "abc"}')), {"delta": delta}),
+        "examples-huge": record(record_header(good_meta(str(10**12))), {"delta": delta}),
         "no-fedlm-parts": RecordDict(),
-        "bfloat16-list-not-a-list": record(header(meta)[:-1] + ', "bfloat16": 5}', {"delta": delta}),
+        "bfloat16-list-not-a-list": record(record_header(meta)[:-1] + ', "bfloat16": 5}', {"delta": delta}),
     }
 
 
@@ -265,7 +272,7 @@ def random_records(numel: int, count: int, seed: int) -> dict[str, RecordDict]:
         if index % 2:
             data = npy(rng.choice(["{'descr': '<f4', 'shape': (3,)}", "{}", "x" * 50, "{'descr': 5}"]), data)
         array = Array(dtype="float32", shape=(numel,), stype="numpy.ndarray", data=data)
-        text = json.dumps(random_json(rng)) if index % 3 else header(json.dumps(random_json(rng)))
+        text = json.dumps(random_json(rng)) if index % 3 else record_header(json.dumps(random_json(rng)))
         records[f"random-{index}"] = record(text, {"delta": array})
     return records
 

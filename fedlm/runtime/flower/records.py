@@ -3,7 +3,7 @@
 Each tensor becomes one Flower `Array` (NumPy's `.npy` format, read back with
 `allow_pickle=False`), so parameters travel as Flower arrays built from fedlm's flat float32
 buffers and nothing received is ever unpickled. The JSON header carries the fedlm format
-version and the message kind, as the in-process wire format does.
+version of this record layout and the message kind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from fedlm import gate, wire
+from fedlm import gate
 from fedlm.errors import WireError
 from fedlm.protocol import WireMessage
 
@@ -25,6 +25,8 @@ ARRAYS = "fedlm.arrays"
 HEADER = "fedlm.header"
 ERROR_KIND = "error"
 ALLOWED_DTYPES = ("float32", "float16", "int64", "int32", "int8", "int16", "uint8")  # uint8: byte strings
+# the record layout (arrays + JSON header), versioned apart from the in-process wire format
+FORMAT_VERSION = 1
 BFLOAT16 = "bfloat16"  # NumPy has no bfloat16: such tensors travel as their int16 bit patterns
 
 M = TypeVar("M", bound=WireMessage)
@@ -47,7 +49,7 @@ def _record(kind: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -
         if tensor.dtype == torch.bfloat16:
             tensor, bfloat16 = tensor.view(torch.int16), [*bfloat16, name]
         arrays[name] = Array(tensor.numpy())
-    header = json.dumps({"version": wire.FORMAT_VERSION, "kind": kind, "meta": meta, BFLOAT16: bfloat16})
+    header = json.dumps({"version": FORMAT_VERSION, "kind": kind, "meta": meta, BFLOAT16: bfloat16})
     return RecordDict({ARRAYS: ArrayRecord(arrays), HEADER: ConfigRecord({"json": header})})
 
 
@@ -73,8 +75,8 @@ def from_record(record: RecordDict, message_type: type[M]) -> M:
         raise WireError(f"received record is not a fedlm message: its header is a {type(text).__name__}")
     header = gate.mapping(gate.parse_json(text, "record header"), "record header")
     version, kind, meta = header.get("version"), header.get("kind"), gate.mapping(header.get("meta"), "metadata")
-    if version != wire.FORMAT_VERSION:
-        raise WireError(f"message format version {version!r} is not supported (expected {wire.FORMAT_VERSION})")
+    if version != FORMAT_VERSION:
+        raise WireError(f"message format version {version!r} is not supported (expected {FORMAT_VERSION})")
     if kind == ERROR_KIND:
         raise WireError(str(meta.get("message", "the client reported an error"))[:2000])
     if kind != message_type.KIND:
