@@ -1,0 +1,1 @@
+"""fedlm's benchmark scripts (`python -m benchmarks.all`); each also runs alone."""
